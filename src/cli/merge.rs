@@ -1,0 +1,414 @@
+//! `gradmerge merge`: from a YAML file or flags to an output folder.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use gradmerge::config::{self, MergeConfig, ModelEntry, TokenizerSource};
+use gradmerge::dtype::Dtype;
+use gradmerge::job::MergeJob;
+use gradmerge::method::{FisherNormalize, MethodKind, Rescale};
+use gradmerge::params::{MergeParams, ParamValue};
+use gradmerge::pipeline::{EngineOptions, Precision, DEFAULT_BUDGET_BYTES};
+use gradmerge::plan::PlanOptions;
+use gradmerge::source::IoMode;
+use gradmerge::units::{format_size, parse_size};
+use gradmerge::Error;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::report;
+
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// A mergekit-style YAML configuration. Without it, the merge comes from the flags.
+    config: Option<PathBuf>,
+
+    /// Output folder (Hugging Face layout). Written atomically: a temporary folder beside
+    /// it is renamed into place only when everything is written and synced.
+    #[arg(short, long, required_unless_present_any = ["dry_run", "sink"])]
+    out: Option<PathBuf>,
+
+    /// Replace an existing, non-empty output folder.
+    #[arg(long)]
+    force: bool,
+
+    /// Validate every input and print the plan without reading tensor data.
+    #[arg(long)]
+    dry_run: bool,
+
+    /// Compute everything but write nothing (for measuring throughput).
+    #[arg(long, conflicts_with = "out")]
+    sink: bool,
+
+    /// Merge method (when no configuration file is given).
+    #[arg(long, value_name = "METHOD")]
+    method: Option<String>,
+
+    /// Base model: a .safetensors file or a model folder.
+    #[arg(long, value_name = "PATH")]
+    base: Option<PathBuf>,
+
+    /// A model to merge; repeat for each model.
+    #[arg(long = "model", value_name = "PATH")]
+    models: Vec<PathBuf>,
+
+    /// Fisher file of the preceding models, in the same order; repeat once per model.
+    #[arg(long = "fisher", value_name = "PATH")]
+    fishers: Vec<PathBuf>,
+
+    /// Fisher file of the base model (gradmatch).
+    #[arg(long, value_name = "PATH")]
+    base_fisher: Option<PathBuf>,
+
+    /// Weight of each model, in --model order; one value applies to every model.
+    #[arg(
+        long = "weight",
+        visible_alias = "alpha",
+        value_name = "W",
+        allow_negative_numbers = true
+    )]
+    weights: Vec<f64>,
+
+    /// Another parameter as KEY=VALUE, for example density=0.5, lambda=1, t=0.3, delta=1e-8.
+    #[arg(long = "param", short = 'p', value_name = "KEY=VALUE")]
+    params: Vec<String>,
+
+    /// Output dtype of merged tensors (float32, bfloat16, float16, float64). Default: the
+    /// inputs' dtype, or float32 when they differ.
+    #[arg(long, value_name = "DTYPE")]
+    out_dtype: Option<String>,
+
+    /// Folder whose tokenizer files are copied (default: the base model's folder).
+    #[arg(long, value_name = "PATH")]
+    tokenizer_source: Option<PathBuf>,
+
+    /// Largest output shard, in bytes, with K/M/G (powers of 1000) or KiB/MiB/GiB suffixes.
+    #[arg(long, value_name = "SIZE", default_value = "5G")]
+    shard_size: String,
+
+    /// How inputs are read. mmap is fastest; read uses positioned reads, for network
+    /// filesystems and inputs that may change while merging (a mapped file truncated by
+    /// another process kills gradmerge with SIGBUS).
+    #[arg(long, value_enum, default_value_t = IoArg::Mmap)]
+    io: IoArg,
+
+    /// Worker threads (default: one per core).
+    #[arg(long, short = 'j', value_name = "N", default_value_t = 0)]
+    threads: usize,
+
+    /// Memory budget for chunks in flight and mapped input pages (K/M/G suffixes).
+    #[arg(long, value_name = "SIZE")]
+    budget: Option<String>,
+
+    /// Chunk size in elements (default: derived from --budget).
+    #[arg(long, value_name = "N", hide_short_help = true)]
+    chunk_elems: Option<u64>,
+
+    /// Capacity of the writer channel in chunks (default: twice the threads).
+    #[arg(long, value_name = "N", hide_short_help = true)]
+    channel_depth: Option<usize>,
+
+    /// Working precision of the kernels: f32 (fast, the default) or f64.
+    #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
+    precision: PrecisionArg,
+
+    /// Write NaN and values that overflow the output dtype instead of stopping.
+    #[arg(long)]
+    allow_non_finite: bool,
+
+    /// Write a JSON report: summary and per-tensor statistics.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum IoArg {
+    Mmap,
+    Read,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum PrecisionArg {
+    F32,
+    F64,
+}
+
+fn usage(msg: String) -> anyhow::Error {
+    Error::InvalidParameter(msg).into()
+}
+
+/// Builds the configuration from the YAML file or the flags.
+fn load_config(args: &MergeArgs) -> anyhow::Result<(MergeConfig, Option<String>)> {
+    if let Some(path) = &args.config {
+        let flag_inputs = args.method.is_some()
+            || args.base.is_some()
+            || !args.models.is_empty()
+            || !args.fishers.is_empty();
+        if flag_inputs {
+            return Err(usage(format!(
+                "{}: give the merge either as a configuration file or as --method/--base/--model flags, not both",
+                path.display()
+            )));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io("read", path, e))?;
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let mut config = config::parse_yaml(&text, path, &dir)?;
+        apply_overrides(args, &mut config)?;
+        return Ok((config, Some(text)));
+    }
+
+    let method: MethodKind = args
+        .method
+        .as_deref()
+        .ok_or_else(|| usage("no merge given: pass a configuration file, or --method with --base and --model flags".into()))?
+        .parse()?;
+    if args.models.is_empty() {
+        return Err(usage(
+            "no models given: pass --model PATH once per model".into(),
+        ));
+    }
+    if !args.fishers.is_empty() && args.fishers.len() != args.models.len() {
+        return Err(usage(format!(
+            "{} --fisher flags for {} --model flags; give one Fisher per model, in the same order",
+            args.fishers.len(),
+            args.models.len()
+        )));
+    }
+    let mut params = MergeParams::default();
+    params.models = vec![Default::default(); args.models.len()];
+    match args.weights.len() {
+        0 => {}
+        1 => {
+            params
+                .global
+                .insert("weight".into(), ParamValue::Scalar(args.weights[0]));
+        }
+        n if n == args.models.len() => {
+            for (m, w) in params.models.iter_mut().zip(&args.weights) {
+                m.insert("weight".into(), ParamValue::Scalar(*w));
+            }
+        }
+        n => {
+            return Err(usage(format!(
+                "{n} --weight values for {} models; give one value, or one per model",
+                args.models.len()
+            )))
+        }
+    }
+    let models = args
+        .models
+        .iter()
+        .enumerate()
+        .map(|(i, p)| ModelEntry {
+            path: p.clone(),
+            fisher: args.fishers.get(i).cloned(),
+        })
+        .collect();
+    let mut config = MergeConfig {
+        method,
+        base_model: args.base.clone(),
+        base_fisher: args.base_fisher.clone(),
+        models,
+        params,
+        dtype: None,
+        out_dtype: None,
+        tokenizer_source: TokenizerSource::Base,
+        rescale: Rescale::L1,
+        fisher_normalize: FisherNormalize::None,
+    };
+    apply_overrides(args, &mut config)?;
+    Ok((config, None))
+}
+
+/// Applies --param, --out-dtype and --tokenizer-source on top of a configuration.
+fn apply_overrides(args: &MergeArgs, config: &mut MergeConfig) -> anyhow::Result<()> {
+    for item in &args.params {
+        let (key, value) = item.split_once('=').ok_or_else(|| {
+            usage(format!(
+                "--param `{item}` must be KEY=VALUE, for example density=0.5"
+            ))
+        })?;
+        let (key, value) = (key.trim(), value.trim());
+        match key {
+            "rescale" => {
+                config.rescale = match value {
+                    "l1" | "true" => Rescale::L1,
+                    "density" => Rescale::Density,
+                    "false" | "none" => Rescale::None,
+                    _ => {
+                        return Err(usage(format!(
+                            "--param rescale={value}: expected l1, density or false"
+                        )))
+                    }
+                }
+            }
+            "fisher_normalize" => {
+                config.fisher_normalize = match value {
+                    "l2" => FisherNormalize::L2,
+                    "none" => FisherNormalize::None,
+                    _ => {
+                        return Err(usage(format!(
+                            "--param fisher_normalize={value}: expected l2 or none"
+                        )))
+                    }
+                }
+            }
+            _ => {
+                let mut allowed: Vec<&str> = config.method.model_parameters().to_vec();
+                allowed.extend_from_slice(config.method.global_parameters());
+                if !allowed.contains(&key) {
+                    let hint = gradmerge::suggest::nearest(key, &allowed)
+                        .map(|n| format!("; did you mean `{n}`?"))
+                        .unwrap_or_default();
+                    return Err(usage(format!(
+                        "--param {key}: `{}` takes no parameter `{key}`{hint} (valid: {})",
+                        config.method,
+                        allowed.join(", ")
+                    )));
+                }
+                let number = match value {
+                    "true" => 1.0,
+                    "false" => 0.0,
+                    v => v.parse::<f64>().map_err(|_| {
+                        usage(format!("--param {key}={value}: `{value}` is not a number"))
+                    })?,
+                };
+                config
+                    .params
+                    .global
+                    .insert(key.to_string(), ParamValue::Scalar(number));
+            }
+        }
+    }
+    if let Some(d) = &args.out_dtype {
+        config.out_dtype = Some(Dtype::parse_float_name(d).ok_or_else(|| {
+            usage(format!(
+                "--out-dtype {d}: expected float32, bfloat16, float16 or float64"
+            ))
+        })?);
+    }
+    if let Some(p) = &args.tokenizer_source {
+        config.tokenizer_source = TokenizerSource::Path(p.clone());
+    }
+    Ok(())
+}
+
+fn engine_options(args: &MergeArgs, config: &MergeConfig) -> anyhow::Result<EngineOptions> {
+    let budget_bytes = match &args.budget {
+        Some(b) => parse_size(b)?,
+        None => DEFAULT_BUDGET_BYTES,
+    };
+    if args.chunk_elems == Some(0) {
+        return Err(usage("--chunk-elems must be at least 1".into()));
+    }
+    if args.channel_depth == Some(0) {
+        return Err(usage("--channel-depth must be at least 1".into()));
+    }
+    let precision = match (args.precision, config.dtype) {
+        (PrecisionArg::F64, _) | (_, Some(Dtype::F64)) => Precision::F64,
+        _ => Precision::F32,
+    };
+    Ok(EngineOptions {
+        threads: args.threads,
+        budget_bytes,
+        chunk_elems: args.chunk_elems,
+        channel_depth: args.channel_depth,
+        precision,
+        allow_non_finite: args.allow_non_finite,
+    })
+}
+
+pub fn run(args: &MergeArgs, quiet: bool) -> anyhow::Result<()> {
+    let (config, yaml) = load_config(args)?;
+    let shard_size_bytes = parse_size(&args.shard_size)?;
+    if shard_size_bytes == 0 {
+        return Err(usage("--shard-size must be larger than 0".into()));
+    }
+    let io = match args.io {
+        IoArg::Mmap => IoMode::Mmap,
+        IoArg::Read => IoMode::Read,
+    };
+    let engine = engine_options(args, &config)?;
+    log::info!(
+        "reading inputs with {}",
+        if io == IoMode::Mmap {
+            "mmap"
+        } else {
+            "positioned reads"
+        }
+    );
+    let mut job = MergeJob::open(
+        config,
+        io,
+        PlanOptions {
+            out_dtype: None,
+            shard_size_bytes,
+        },
+    )?;
+    for note in &job.plan.notes {
+        log::warn!("{note}");
+    }
+
+    if args.dry_run {
+        report::print_plan(&job, &engine, args.out.as_deref())?;
+        return Ok(());
+    }
+
+    let resolved = report::resolved_config_yaml(&job, yaml.as_deref());
+    let card = report::model_card(&job);
+    let extra = [
+        ("gradmerge_config.yml", resolved.into_bytes()),
+        ("README.md", card.into_bytes()),
+    ];
+    let bar = progress_bar(quiet, job.plan.tensors.iter().map(|t| t.size_bytes()).sum());
+    let progress = |_: usize, bytes: u64| bar.set_position(bytes);
+    let out = args.out.as_deref().map(|o| (o, args.force));
+    let summary = job
+        .run(out, &engine, Some(&progress), &extra)
+        .with_context(|| match &args.out {
+            Some(o) => format!(
+                "merge into {} failed; nothing was written there",
+                o.display()
+            ),
+            None => "merge failed".into(),
+        })?;
+    bar.finish_and_clear();
+
+    let peak = report::peak_memory();
+    if !quiet {
+        let secs = summary.elapsed.as_secs_f64().max(1e-9);
+        eprintln!(
+            "merged {} tensors: read {}, wrote {} in {:.2} s ({:.2} GB/s read), peak memory {}{}",
+            summary.tensors,
+            format_size(summary.bytes_read),
+            format_size(summary.bytes_written),
+            secs,
+            summary.bytes_read as f64 / secs / 1e9,
+            peak.map(|p| format_size(p.peak_rss_bytes))
+                .unwrap_or_else(|| "unknown".into()),
+            args.out
+                .as_ref()
+                .map(|o| format!(" -> {}", o.display()))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(path) = &args.report {
+        report::write_report(path, &job, &summary, peak)?;
+    }
+    Ok(())
+}
+
+fn progress_bar(quiet: bool, total_bytes: u64) -> ProgressBar {
+    use std::io::IsTerminal;
+    if quiet || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total_bytes);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}")
+            .expect("valid template"),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}

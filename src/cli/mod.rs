@@ -1,0 +1,105 @@
+//! Argument parsing and dispatch to the subcommands.
+
+mod inspect;
+mod merge;
+mod report;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use gradmerge::Error;
+
+/// Merge safetensors checkpoints out-of-core: linear, task arithmetic, TIES, DARE,
+/// breadcrumbs, slerp, Model Stock, Fisher averaging and uncertainty-based gradient
+/// matching.
+#[derive(Debug, Parser)]
+#[command(name = "gradmerge", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// More log output: -v shows one-time decisions, -vv per-tensor strategy.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// No progress bar and no summary; errors only.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Merge checkpoints from a mergekit-style YAML file or from flags.
+    Merge(Box<merge::MergeArgs>),
+    /// List a checkpoint's tensors, dtypes, shapes, sizes and shards (reads headers only).
+    Inspect(inspect::InspectArgs),
+}
+
+/// Exit code for a failed merge or read.
+const EXIT_FAILURE: u8 = 1;
+/// Exit code for a usage error.
+const EXIT_USAGE: u8 = 2;
+
+/// Runs the command line and returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { 0 });
+        }
+    };
+    init_logging(cli.verbose, cli.quiet);
+    if let Err(e) = ctrlc::set_handler(gradmerge::interrupt::request) {
+        log::warn!("cannot install the Ctrl-C handler: {e}");
+    }
+    let result = match &cli.command {
+        Command::Merge(args) => merge::run(args, cli.quiet),
+        Command::Inspect(args) => inspect::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if is_broken_pipe(&e) {
+                return ExitCode::SUCCESS;
+            }
+            let code = exit_code(&e);
+            let mut stderr = std::io::stderr().lock();
+            let _ = writeln!(stderr, "error: {e}");
+            let mut source = e.source();
+            while let Some(cause) = source {
+                let _ = writeln!(stderr, "  caused by: {cause}");
+                source = cause.source();
+            }
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn exit_code(e: &anyhow::Error) -> u8 {
+    match e.downcast_ref::<Error>() {
+        Some(Error::InvalidParameter(_)) => EXIT_USAGE,
+        _ => EXIT_FAILURE,
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+fn init_logging(verbose: u8, quiet: bool) {
+    let level = match (quiet, verbose) {
+        (true, _) => log::LevelFilter::Error,
+        (false, 0) => log::LevelFilter::Warn,
+        (false, 1) => log::LevelFilter::Info,
+        (false, _) => log::LevelFilter::Debug,
+    };
+    env_logger::Builder::new()
+        .filter_level(level)
+        .format_timestamp(None)
+        .format_target(false)
+        .parse_env("GRADMERGE_LOG")
+        .init();
+}

@@ -1,0 +1,235 @@
+//! A merge from configuration to finished output folder: opens the inputs, builds the
+//! method and the plan, runs the engine and writes the side files.
+
+use std::path::{Path, PathBuf};
+
+use crate::checkpoint::Checkpoint;
+use crate::config::{MergeConfig, TokenizerSource};
+use crate::error::{Error, Result};
+use crate::method::{FisherNormalize, Method, MethodKind};
+use crate::pipeline::{self, EngineOptions, Output, Progress, Summary};
+use crate::plan::{lookup, Action, MergeInputs, Plan, PlanOptions};
+use crate::source::IoMode;
+use crate::view::TensorInputs;
+use crate::writer::OutputDir;
+
+/// An opened, validated merge, ready to run.
+#[derive(Debug)]
+pub struct MergeJob {
+    /// The configuration.
+    pub config: MergeConfig,
+    /// The opened checkpoints.
+    pub inputs: MergeInputs,
+    /// The method with its defaults filled in.
+    pub method: Method,
+    /// The validated plan.
+    pub plan: Plan,
+}
+
+impl MergeJob {
+    /// Opens every input (headers only), fills in defaults and builds the plan.
+    ///
+    /// `out_dtype` from the configuration takes precedence over `plan_options.out_dtype`
+    /// only when the latter is `None`.
+    ///
+    /// # Errors
+    /// Every read, format, plan and parameter error, before any tensor data is read.
+    pub fn open(
+        config: MergeConfig,
+        io: IoMode,
+        mut plan_options: PlanOptions,
+    ) -> Result<MergeJob> {
+        let kind = config.method;
+        let open = |p: &Path| Checkpoint::open(p, io);
+        let base = config.base_model.as_deref().map(open).transpose()?;
+        let models = config
+            .models
+            .iter()
+            .map(|m| open(&m.path))
+            .collect::<Result<Vec<_>>>()?;
+        let mut fishers = Vec::new();
+        if kind.uses_fishers() {
+            let missing: Vec<String> = config
+                .models
+                .iter()
+                .filter(|m| m.fisher.is_none())
+                .map(|m| m.path.display().to_string())
+                .collect();
+            if !missing.is_empty() {
+                return Err(Error::InvalidParameter(format!(
+                    "{kind} needs a Fisher file for every model; missing for {} (set `fisher:` on the model or pass --fisher after its --model)",
+                    missing.join(", ")
+                )));
+            }
+            for m in &config.models {
+                fishers.push(open(m.fisher.as_deref().expect("checked above"))?);
+            }
+        } else if config.models.iter().any(|m| m.fisher.is_some()) {
+            log::warn!("{kind} does not use Fisher files; the `fisher` entries are ignored");
+        }
+        let base_fisher = match (&config.base_fisher, kind) {
+            (Some(p), MethodKind::GradMatch) => Some(open(p)?),
+            (Some(_), _) => {
+                log::warn!("{kind} does not use a base Fisher; `base_fisher` is ignored");
+                None
+            }
+            _ => None,
+        };
+        let inputs = MergeInputs {
+            base,
+            models,
+            fishers,
+            base_fisher,
+        };
+
+        if plan_options.out_dtype.is_none() {
+            plan_options.out_dtype = config.output_dtype();
+        }
+        let plan = Plan::build(&inputs, kind, &plan_options)?;
+
+        let mut method = Method::new(kind, config.params.clone());
+        method.rescale = config.rescale;
+        method.fisher_normalize = config.fisher_normalize;
+        method.default_fisher_scales = inputs
+            .fishers
+            .iter()
+            .map(fisher_examples)
+            .collect::<Result<_>>()?;
+        method.default_base_fisher_scale = inputs
+            .base_fisher
+            .as_ref()
+            .map(fisher_examples)
+            .transpose()?
+            .unwrap_or(1.0);
+        Ok(MergeJob {
+            config,
+            inputs,
+            method,
+            plan,
+        })
+    }
+
+    /// Every input path, for the destination check.
+    pub fn input_paths(&self) -> Vec<PathBuf> {
+        self.inputs.paths()
+    }
+
+    /// Runs the merge into `out` (or into nothing, with `out = None`), then writes the side
+    /// files and renames the folder into place.
+    ///
+    /// # Errors
+    /// Every engine and output error. On error the temporary folder is removed and `out`
+    /// is left as it was.
+    pub fn run(
+        &mut self,
+        out: Option<(&Path, bool)>,
+        engine: &EngineOptions,
+        progress: Option<Progress<'_>>,
+        extra_files: &[(&str, Vec<u8>)],
+    ) -> Result<Summary> {
+        if self.method.fisher_normalize == FisherNormalize::L2
+            && self.method.kind == MethodKind::Fisher
+        {
+            self.method.fisher_norms = self.fisher_norms()?;
+        }
+        let Some((dest, force)) = out else {
+            return pipeline::run(
+                &self.plan,
+                &self.inputs,
+                &self.method,
+                engine,
+                Output::Sink,
+                progress,
+            );
+        };
+        let dir = OutputDir::create(dest, force, &self.input_paths(), self.plan.output_bytes())?;
+        let summary = pipeline::run(
+            &self.plan,
+            &self.inputs,
+            &self.method,
+            engine,
+            Output::Folder(&dir),
+            progress,
+        )?;
+        self.write_side_files(dir.temp_path())?;
+        for (name, bytes) in extra_files {
+            let path = dir.temp_path().join(name);
+            std::fs::write(&path, bytes).map_err(|e| Error::io("write", &path, e))?;
+        }
+        if crate::interrupt::is_requested() {
+            return Err(Error::Interrupted);
+        }
+        dir.commit()?;
+        Ok(summary)
+    }
+
+    fn write_side_files(&self, folder: &Path) -> Result<()> {
+        let reference = self.inputs.reference();
+        let tokenizer = match &self.config.tokenizer_source {
+            TokenizerSource::Base => reference.folder().map(Path::to_path_buf),
+            TokenizerSource::Path(p) => Some(p.clone()),
+        };
+        let config_from = reference.folder().filter(|_| reference.config().is_some());
+        let untie = reference.ties_embeddings()
+            && self.plan.tensors.iter().any(|t| t.name == "lm_head.weight")
+            && reference.get("lm_head.weight").is_none();
+        let from_folder = reference.path().is_dir();
+        crate::sidefiles::copy_side_files(
+            config_from.filter(|_| from_folder),
+            tokenizer.as_deref().filter(|_| {
+                from_folder || matches!(self.config.tokenizer_source, TokenizerSource::Path(_))
+            }),
+            folder,
+            self.plan.out_dtype,
+            untie,
+        )?;
+        Ok(())
+    }
+
+    /// L2 norm of each model's Fisher over all merged tensors, in f64 with fixed blocking.
+    fn fisher_norms(&self) -> Result<Vec<f64>> {
+        let mut norms = Vec::with_capacity(self.inputs.fishers.len());
+        for fisher in &self.inputs.fishers {
+            let mut sum = 0.0f64;
+            for t in self
+                .plan
+                .tensors
+                .iter()
+                .filter(|t| t.action == Action::Merge)
+            {
+                let view = lookup(fisher, &t.name).expect("validated by Plan::build");
+                let inputs = TensorInputs {
+                    name: &t.name,
+                    elems: t.elems(),
+                    shape: &t.shape,
+                    views: vec![view],
+                };
+                let blocks = inputs.map_blocks::<f64, f64>(
+                    || 0.0,
+                    |acc, _, tiles| {
+                        for &f in tiles[0] {
+                            *acc += f * f;
+                        }
+                    },
+                )?;
+                sum += blocks.iter().sum::<f64>();
+            }
+            norms.push(sum.sqrt());
+        }
+        Ok(norms)
+    }
+}
+
+/// Returns a Fisher file's `fisher.examples` metadata as a scale, or 1 when absent.
+fn fisher_examples(ckpt: &Checkpoint) -> Result<f64> {
+    match ckpt.metadata_value("fisher.examples") {
+        None => Ok(1.0),
+        Some(s) => match s.trim().parse::<f64>() {
+            Ok(n) if n > 0.0 && n.is_finite() => Ok(n),
+            _ => Err(Error::InvalidParameter(format!(
+                "{}: metadata fisher.examples = `{s}` is not a positive number; fix the metadata or set fisher_scale",
+                ckpt.path().display()
+            ))),
+        },
+    }
+}

@@ -1,0 +1,367 @@
+//! Linear averaging, task arithmetic and the sparsified task-vector methods (TIES, DARE,
+//! breadcrumbs), which share one kernel.
+//!
+//! ```text
+//! tau_t    = theta_t - theta_0
+//! tau~_t   = mask_t * tau_t * rescale_t          (mask: top-k, breadcrumbs band or DARE)
+//! with sign election (TIES variants):
+//!   elected  = sign(sum_t w_t * tau~_t), zero counted as +
+//!   agree_t  = sign(w_t * tau~_t) == elected      (a zero never agrees)
+//!   merged   = sum_t w_t tau~_t agree_t / (normalize ? sum_t w_t agree_t, 0 -> 1 : 1)
+//! without:
+//!   merged   = sum_t w_t tau~_t / (normalize ? sum_t w_t : 1)
+//! theta      = theta_0 + lambda * merged
+//! ```
+//!
+//! Masks are decided on the f32 task vector whatever the working precision, so a mask is
+//! the same in f32 and f64 mode.
+
+use super::rng;
+use super::select::{magnitude_key, select_top, SelectJob, TopSet};
+use super::{impl_kernel, KernelStats, Layout, MethodKind, Rescale, Resolver, TensorKernel};
+use crate::convert::Real;
+use crate::error::Result;
+use crate::view::TensorInputs;
+
+/// `sum_t w_t x_t / (normalize ? sum_t w_t : 1)`; the base, when present, is an input too.
+struct Linear {
+    weights: Vec<f64>,
+    scale: f64,
+}
+
+impl Linear {
+    fn apply<A: Real>(&self, _start: u64, inputs: &[&[A]], out: &mut [A], _s: &mut KernelStats) {
+        out.fill(A::ZERO);
+        for (x, &w) in inputs.iter().zip(&self.weights) {
+            let w = A::from_f64(w);
+            for (o, &v) in out.iter_mut().zip(x.iter()) {
+                *o = *o + w * v;
+            }
+        }
+        let scale = A::from_f64(self.scale);
+        for o in out.iter_mut() {
+            *o = *o * scale;
+        }
+    }
+}
+impl_kernel!(Linear);
+
+pub(super) fn linear(ctx: &Resolver<'_>, layout: Layout) -> Result<Box<dyn TensorKernel>> {
+    let mut weights = Vec::with_capacity(layout.len());
+    if layout.has_base {
+        weights.push(ctx.base_or("weight", 1.0));
+    }
+    for m in 0..layout.models {
+        weights.push(ctx.model_or(m, "weight", 1.0));
+    }
+    let sum: f64 = weights.iter().sum();
+    let scale = if ctx.flag("normalize", true) {
+        if sum == 0.0 || !sum.is_finite() {
+            return Err(ctx.invalid(format!(
+                "the weights sum to {sum}, so they cannot be normalized; set normalize: false or change the weights"
+            )));
+        }
+        1.0 / sum
+    } else {
+        1.0
+    };
+    Ok(Box::new(Linear { weights, scale }))
+}
+
+/// `theta_0 + scale * sum_t w_t (theta_t - theta_0)`.
+struct TaskArithmetic {
+    weights: Vec<f64>,
+    scale: f64,
+}
+
+impl TaskArithmetic {
+    fn apply<A: Real>(&self, _start: u64, inputs: &[&[A]], out: &mut [A], _s: &mut KernelStats) {
+        let base = inputs[0];
+        out.fill(A::ZERO);
+        for (x, &w) in inputs[1..].iter().zip(&self.weights) {
+            let w = A::from_f64(w);
+            for ((o, &v), &b) in out.iter_mut().zip(x.iter()).zip(base) {
+                *o = *o + w * (v - b);
+            }
+        }
+        let scale = A::from_f64(self.scale);
+        for (o, &b) in out.iter_mut().zip(base) {
+            *o = b + scale * *o;
+        }
+    }
+}
+impl_kernel!(TaskArithmetic);
+
+fn weights_and_scale(
+    ctx: &Resolver<'_>,
+    layout: Layout,
+    normalize_default: bool,
+) -> Result<(Vec<f64>, f64, bool)> {
+    let weights: Vec<f64> = (0..layout.models)
+        .map(|m| ctx.model_or(m, "weight", 1.0))
+        .collect();
+    let lambda = ctx.global_or("lambda", 1.0);
+    let normalize = ctx.flag("normalize", normalize_default);
+    Ok((weights, lambda, normalize))
+}
+
+pub(super) fn task_arithmetic(ctx: &Resolver<'_>, layout: Layout) -> Result<Box<dyn TensorKernel>> {
+    let (weights, lambda, normalize) = weights_and_scale(ctx, layout, false)?;
+    let sum: f64 = weights.iter().sum();
+    let scale = if normalize {
+        if sum == 0.0 {
+            return Err(ctx.invalid(
+                "the weights sum to 0, so they cannot be normalized; set normalize: false".into(),
+            ));
+        }
+        lambda / sum
+    } else {
+        lambda
+    };
+    Ok(Box::new(TaskArithmetic { weights, scale }))
+}
+
+/// How one model's task vector is sparsified.
+#[derive(Clone, Copy, Debug)]
+enum Mask {
+    /// Keep the elements in `keep` and outside `drop`.
+    Magnitude { keep: TopSet, drop: TopSet },
+    /// Keep each element with probability `density`, by the counter-based generator.
+    Random { key: u64, density: f64 },
+}
+
+impl Mask {
+    #[inline(always)]
+    fn keeps(&self, tau: f32, index: u64) -> bool {
+        match *self {
+            Mask::Magnitude { keep, drop } => {
+                let key = magnitude_key(tau);
+                keep.contains(key, index) && !drop.contains(key, index)
+            }
+            Mask::Random { key, density } => rng::uniform(key, index) < density,
+        }
+    }
+}
+
+/// The shared kernel of TIES, DARE and breadcrumbs.
+struct Sparse {
+    weights: Vec<f64>,
+    masks: Vec<Mask>,
+    rescales: Vec<f64>,
+    sign_election: bool,
+    normalize: bool,
+    lambda: f64,
+}
+
+impl Sparse {
+    fn apply<A: Real>(&self, start: u64, inputs: &[&[A]], out: &mut [A], stats: &mut KernelStats) {
+        let base = inputs[0];
+        let n = out.len();
+        let models = self.weights.len();
+
+        // Sparsified, weighted task vectors: w_t * tau~_t.
+        let mut weighted = vec![A::ZERO; n * models];
+        for m in 0..models {
+            let w = A::from_f64(self.weights[m] * self.rescales[m]);
+            let mask = self.masks[m];
+            let row = &mut weighted[m * n..(m + 1) * n];
+            for (j, ((r, &x), &b)) in row.iter_mut().zip(inputs[1 + m]).zip(base).enumerate() {
+                let tau = x - b;
+                let keep = mask.keeps(x.to_f32() - b.to_f32(), start + j as u64);
+                stats.kept += keep as u64;
+                *r = if keep { w * tau } else { A::ZERO };
+            }
+        }
+        stats.considered += (n * models) as u64;
+
+        let lambda = A::from_f64(self.lambda);
+        for j in 0..n {
+            let mut sum = A::ZERO;
+            for m in 0..models {
+                sum = sum + weighted[m * n + j];
+            }
+            let merged = if self.sign_election {
+                let positive = sum >= A::ZERO;
+                let mut agreed = A::ZERO;
+                let mut divisor = A::ZERO;
+                for m in 0..models {
+                    let v = weighted[m * n + j];
+                    let agrees = if positive { v > A::ZERO } else { v < A::ZERO };
+                    if agrees {
+                        agreed = agreed + v;
+                        divisor = divisor + A::from_f64(self.weights[m]);
+                    }
+                }
+                if self.normalize {
+                    if divisor == A::ZERO {
+                        agreed
+                    } else {
+                        agreed / divisor
+                    }
+                } else {
+                    agreed
+                }
+            } else if self.normalize {
+                let total: f64 = self.weights.iter().sum();
+                sum / A::from_f64(if total == 0.0 { 1.0 } else { total })
+            } else {
+                sum
+            };
+            out[j] = base[j] + lambda * merged;
+        }
+    }
+}
+impl_kernel!(Sparse);
+
+pub(super) fn sparse(
+    ctx: &Resolver<'_>,
+    layout: Layout,
+    inputs: &TensorInputs<'_>,
+) -> Result<Box<dyn TensorKernel>> {
+    let kind = ctx.method.kind;
+    let normalize_default = kind == MethodKind::Ties;
+    let (weights, lambda, normalize) = weights_and_scale(ctx, layout, normalize_default)?;
+    let n = inputs.elems;
+
+    // Densities (and gammas) per model, validated.
+    let mut densities = Vec::with_capacity(layout.models);
+    for m in 0..layout.models {
+        let d = match kind {
+            MethodKind::Ties => ctx.model_or(m, "density", 1.0),
+            _ => ctx.model_required(m, "density")?,
+        };
+        densities.push(ctx.check_range(
+            &format!("density of model {}", m + 1),
+            d,
+            d > 0.0 && d <= 1.0,
+            "(0, 1]",
+        )?);
+    }
+
+    let key_of = |tiles: &[&[f32]], source: usize, j: usize| {
+        magnitude_key(tiles[layout.model(source)][j] - tiles[layout.base()][j])
+    };
+    let masks: Vec<Mask> = match kind {
+        MethodKind::Ties => {
+            let jobs: Vec<SelectJob> = densities
+                .iter()
+                .enumerate()
+                .map(|(m, &d)| SelectJob {
+                    source: m,
+                    k: top_k(d, n),
+                })
+                .collect();
+            select_top(inputs, &jobs, key_of)?
+                .into_iter()
+                .map(|keep| Mask::Magnitude {
+                    keep,
+                    drop: TopSet::Empty,
+                })
+                .collect()
+        }
+        MethodKind::Breadcrumbs | MethodKind::BreadcrumbsTies => {
+            let mut jobs = Vec::with_capacity(2 * layout.models);
+            for (m, &d) in densities.iter().enumerate() {
+                let g = ctx.model_or(m, "gamma", 0.01);
+                ctx.check_range(
+                    &format!("gamma of model {}", m + 1),
+                    g,
+                    (0.0..1.0).contains(&g),
+                    "[0, 1)",
+                )?;
+                let (top_drop, keep) = breadcrumbs_band(d, g, n);
+                jobs.push(SelectJob {
+                    source: m,
+                    k: top_drop + keep,
+                });
+                jobs.push(SelectJob {
+                    source: m,
+                    k: top_drop,
+                });
+            }
+            let sets = select_top(inputs, &jobs, key_of)?;
+            sets.chunks(2)
+                .map(|p| Mask::Magnitude {
+                    keep: p[0],
+                    drop: p[1],
+                })
+                .collect()
+        }
+        _ => {
+            let seed = ctx.global_or("seed", 0.0) as u64;
+            densities
+                .iter()
+                .enumerate()
+                .map(|(m, &density)| Mask::Random {
+                    key: rng::stream_key(seed, inputs.name, m),
+                    density,
+                })
+                .collect()
+        }
+    };
+
+    let rescales = match kind {
+        MethodKind::DareLinear | MethodKind::DareTies => match ctx.method.rescale {
+            Rescale::None => vec![1.0; layout.models],
+            Rescale::Density => densities.iter().map(|d| 1.0 / d).collect(),
+            Rescale::L1 => l1_rescales(inputs, layout, &masks)?,
+        },
+        _ => vec![1.0; layout.models],
+    };
+    let sign_election = matches!(
+        kind,
+        MethodKind::Ties | MethodKind::DareTies | MethodKind::BreadcrumbsTies
+    );
+    Ok(Box::new(Sparse {
+        weights,
+        masks,
+        rescales,
+        sign_election,
+        normalize,
+        lambda,
+    }))
+}
+
+/// Number of elements TIES keeps: `max(1, floor(density * n))`, capped at n.
+pub fn top_k(density: f64, n: u64) -> u64 {
+    ((density * n as f64).floor() as u64).max(1).min(n)
+}
+
+/// Breadcrumbs' band in descending magnitude order: skip the `top_drop` largest, keep the
+/// next `keep`. `keep = max(1, floor(density * n))`, `top_drop = floor(gamma * n)`, and
+/// the band is moved down when it would run past n.
+pub fn breadcrumbs_band(density: f64, gamma: f64, n: u64) -> (u64, u64) {
+    let keep = top_k(density, n);
+    let top_drop = ((gamma * n as f64).floor() as u64).min(n - keep);
+    (top_drop, keep)
+}
+
+/// For DARE's L1 rule: `sum |tau| / sum |mask * tau|` per model, over the whole tensor.
+fn l1_rescales(inputs: &TensorInputs<'_>, layout: Layout, masks: &[Mask]) -> Result<Vec<f64>> {
+    let blocks = inputs.map_blocks::<f32, Vec<(f64, f64)>>(
+        || vec![(0.0, 0.0); masks.len()],
+        |sums, start, tiles| {
+            for (m, (mask, sum)) in masks.iter().zip(sums.iter_mut()).enumerate() {
+                let (x, b) = (tiles[layout.model(m)], tiles[layout.base()]);
+                for (j, (&x, &b)) in x.iter().zip(b).enumerate() {
+                    let tau = (x - b).abs() as f64;
+                    sum.0 += tau;
+                    if mask.keeps(x - b, start + j as u64) {
+                        sum.1 += tau;
+                    }
+                }
+            }
+        },
+    )?;
+    let mut totals = vec![(0.0f64, 0.0f64); masks.len()];
+    for block in blocks {
+        for (t, b) in totals.iter_mut().zip(block) {
+            t.0 += b.0;
+            t.1 += b.1;
+        }
+    }
+    Ok(totals
+        .into_iter()
+        .map(|(before, after)| if after > 0.0 { before / after } else { 1.0 })
+        .collect())
+}

@@ -1,0 +1,176 @@
+//! Borrowed access to the input tensors of one output tensor, tile by tile.
+
+use std::borrow::Cow;
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use crate::convert::{Real, TILE_ELEMS};
+use crate::dtype::Dtype;
+use crate::error::Result;
+use crate::format::TensorInfo;
+use crate::source::Source;
+
+/// Elements per block of a reduction pass. Fixed, so that sums are grouped the same way
+/// whatever the chunk size and thread count.
+pub const REDUCE_BLOCK_ELEMS: u64 = 1 << 16;
+
+/// One input tensor: a validated header entry and the file it lives in.
+#[derive(Clone, Copy, Debug)]
+pub struct TensorView<'a> {
+    /// The file.
+    pub source: &'a Source,
+    /// The header entry.
+    pub info: &'a TensorInfo,
+}
+
+impl<'a> TensorView<'a> {
+    /// Element type.
+    pub fn dtype(&self) -> Dtype {
+        self.info.dtype
+    }
+
+    /// Reads elements `range` as raw bytes.
+    pub fn bytes(&self, range: &Range<u64>) -> Result<Cow<'a, [u8]>> {
+        let size = self.info.dtype.size_bytes() as u64;
+        self.source
+            .bytes(self.info, range.start * size..range.end * size)
+    }
+
+    /// Releases the pages of elements `range` (see [`Source::release`]).
+    pub fn release(&self, range: &Range<u64>) {
+        let size = self.info.dtype.size_bytes() as u64;
+        self.source
+            .release(self.info, range.start * size..range.end * size);
+    }
+}
+
+/// The inputs of one output tensor, all with `elems` elements.
+///
+/// Invariant: every view has exactly `elems` elements and a mergeable float dtype.
+#[derive(Clone, Debug)]
+pub struct TensorInputs<'a> {
+    /// Output tensor name.
+    pub name: &'a str,
+    /// Elements per tensor.
+    pub elems: u64,
+    /// Shape of every input.
+    pub shape: &'a [u64],
+    /// The inputs in the method's order.
+    pub views: Vec<TensorView<'a>>,
+}
+
+/// Converted values of a run of elements for every input, tile by tile.
+pub struct TileReader<A: Real> {
+    scratch: Vec<Vec<A>>,
+}
+
+impl<A: Real> TileReader<A> {
+    /// Creates scratch buffers for `inputs` inputs: one tile each.
+    pub fn new(inputs: usize) -> TileReader<A> {
+        TileReader {
+            scratch: (0..inputs).map(|_| vec![A::ZERO; TILE_ELEMS]).collect(),
+        }
+    }
+
+    /// Reads elements `range` of every view and calls `f(tile_start, tiles)` once per tile
+    /// of at most [`TILE_ELEMS`] elements, in order. Releases the pages afterwards.
+    pub fn for_each_tile(
+        &mut self,
+        views: &[TensorView<'_>],
+        range: Range<u64>,
+        mut f: impl FnMut(u64, &[&[A]]),
+    ) -> Result<()> {
+        let raw: Vec<Cow<'_, [u8]>> = views
+            .iter()
+            .map(|v| v.bytes(&range))
+            .collect::<Result<_>>()?;
+        let total = (range.end - range.start) as usize;
+        let mut offset = 0usize;
+        while offset < total {
+            let len = TILE_ELEMS.min(total - offset);
+            for ((buf, bytes), view) in self.scratch.iter_mut().zip(&raw).zip(views) {
+                let size = view.dtype().size_bytes();
+                A::load(
+                    view.dtype(),
+                    &bytes[offset * size..(offset + len) * size],
+                    &mut buf[..len],
+                );
+            }
+            let refs: Vec<&[A]> = self.scratch.iter().map(|b| &b[..len]).collect();
+            f(range.start + offset as u64, &refs);
+            offset += len;
+        }
+        drop(raw);
+        for v in views {
+            v.release(&range);
+        }
+        Ok(())
+    }
+}
+
+impl<'a> TensorInputs<'a> {
+    /// Number of fixed reduction blocks.
+    pub fn block_count(&self) -> u64 {
+        self.elems.div_ceil(REDUCE_BLOCK_ELEMS)
+    }
+
+    fn block_range(&self, block: u64) -> Range<u64> {
+        let start = block * REDUCE_BLOCK_ELEMS;
+        start..(start + REDUCE_BLOCK_ELEMS).min(self.elems)
+    }
+
+    /// Runs `f` over every fixed block in parallel and returns the results in block order.
+    ///
+    /// `f(state, tile_start, tiles)` is called for each tile of a block, in order, with
+    /// `init()` as the block's starting state. Results depend only on the data.
+    pub fn map_blocks<A: Real, R: Send>(
+        &self,
+        init: impl Fn() -> R + Sync,
+        f: impl Fn(&mut R, u64, &[&[A]]) + Sync,
+    ) -> Result<Vec<R>> {
+        (0..self.block_count())
+            .into_par_iter()
+            .map_init(
+                || TileReader::<A>::new(self.views.len()),
+                |reader, block| {
+                    let mut state = init();
+                    reader.for_each_tile(
+                        &self.views,
+                        self.block_range(block),
+                        |start, tiles| f(&mut state, start, tiles),
+                    )?;
+                    Ok(state)
+                },
+            )
+            .collect()
+    }
+
+    /// Like [`map_blocks`](Self::map_blocks) for states that combine in any order (integer
+    /// counts): folds blocks per thread and merges the partial states with `merge`.
+    pub fn fold_blocks<A: Real, R: Send>(
+        &self,
+        init: impl Fn() -> R + Sync + Send,
+        f: impl Fn(&mut R, u64, &[&[A]]) + Sync + Send,
+        merge: impl Fn(R, R) -> R + Sync + Send,
+    ) -> Result<R> {
+        (0..self.block_count())
+            .into_par_iter()
+            .fold(
+                || (TileReader::<A>::new(self.views.len()), Ok(init())),
+                |(mut reader, acc), block| {
+                    let acc = acc.and_then(|mut state| {
+                        reader.for_each_tile(
+                            &self.views,
+                            self.block_range(block),
+                            |start, tiles| f(&mut state, start, tiles),
+                        )?;
+                        Ok(state)
+                    });
+                    (reader, acc)
+                },
+            )
+            .map(|(_, acc)| acc)
+            .try_reduce(&init, |a, b| Ok(merge(a, b)))
+    }
+}
