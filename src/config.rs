@@ -91,6 +91,12 @@ struct RawConfig {
     tokenizer_source: Option<String>,
     #[serde(default)]
     name: Option<String>,
+    #[serde(default)]
+    modules: Option<Value>,
+    #[serde(default)]
+    tokenizer: Option<Value>,
+    #[serde(default)]
+    chat_template: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -107,6 +113,10 @@ struct RawModel {
 #[serde(deny_unknown_fields)]
 struct RawSlice {
     sources: Vec<RawSliceSource>,
+    #[serde(default)]
+    parameters: BTreeMap<String, Value>,
+    #[serde(default)]
+    base_model: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -132,6 +142,9 @@ const TOP_KEYS: &[&str] = &[
     "out_dtype",
     "tokenizer_source",
     "name",
+    "modules",
+    "tokenizer",
+    "chat_template",
 ];
 const MODEL_KEYS: &[&str] = &["model", "fisher", "parameters", "layer_range", "sources"];
 
@@ -151,6 +164,19 @@ pub fn parse_yaml(text: &str, origin: &Path, base_dir: &Path) -> Result<MergeCon
         .merge_method
         .parse()
         .map_err(|e: Error| fail(e.to_string()))?;
+    for (key, present) in [
+        ("modules", raw.modules.is_some()),
+        ("tokenizer", raw.tokenizer.is_some()),
+        ("chat_template", raw.chat_template.is_some()),
+    ] {
+        if present {
+            return Err(fail(format!(
+                "`{key}` is a mergekit key that gradmerge does not support yet; remove it (gradmerge copies the tokenizer and chat template from tokenizer_source)"
+            )));
+        }
+    }
+    let mut raw_parameters = raw.parameters;
+    let mut raw_base_model = raw.base_model;
     let resolve = |p: &str| resolve_path(p, base_dir);
 
     // Models from `models:` or from a single full-range slice.
@@ -166,6 +192,12 @@ pub fn parse_yaml(text: &str, origin: &Path, base_dir: &Path) -> Result<MergeCon
             )));
         }
         let slice = raw.slices.into_iter().next().expect("one slice");
+        for (k, v) in slice.parameters {
+            raw_parameters.entry(k).or_insert(v);
+        }
+        if raw_base_model.is_none() {
+            raw_base_model = slice.base_model;
+        }
         let ranges: Vec<Option<[u64; 2]>> = slice.sources.iter().map(|s| s.layer_range).collect();
         if ranges.windows(2).any(|w| w[0] != w[1])
             || ranges.iter().any(|r| r.is_some_and(|[a, _]| a != 0))
@@ -186,9 +218,9 @@ pub fn parse_yaml(text: &str, origin: &Path, base_dir: &Path) -> Result<MergeCon
     }
 
     // The base may also be listed among the models; its entry then holds its parameters.
-    let base_model = raw.base_model.as_deref().map(resolve);
+    let base_model = raw_base_model.as_deref().map(resolve);
     let mut params = MergeParams {
-        global: parse_params(&raw.parameters, method, true, "parameters", origin)?,
+        global: parse_params(&raw_parameters, method, true, "parameters", origin)?,
         ..MergeParams::default()
     };
     let mut models = Vec::new();
@@ -229,7 +261,7 @@ pub fn parse_yaml(text: &str, origin: &Path, base_dir: &Path) -> Result<MergeCon
         Some(p) => TokenizerSource::Path(resolve(p)),
     };
     let _ = raw.name;
-    let rescale = match raw.parameters.get("rescale") {
+    let rescale = match raw_parameters.get("rescale") {
         None => Rescale::L1,
         Some(Value::Bool(true)) => Rescale::L1,
         Some(Value::Bool(false)) => Rescale::None,
@@ -242,7 +274,7 @@ pub fn parse_yaml(text: &str, origin: &Path, base_dir: &Path) -> Result<MergeCon
             )))
         }
     };
-    let fisher_normalize = match raw.parameters.get("fisher_normalize") {
+    let fisher_normalize = match raw_parameters.get("fisher_normalize") {
         None | Some(Value::Null) => FisherNormalize::None,
         Some(Value::String(s)) if s == "none" => FisherNormalize::None,
         Some(Value::String(s)) if s == "l2" => FisherNormalize::L2,

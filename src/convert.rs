@@ -6,7 +6,8 @@
 //! ```
 //!
 //! Numeric rules:
-//! - BF16 -> f32 is exact: the 16 bits become the upper half of the f32.
+//! - BF16 -> f32 is exact: the 16 bits become the upper half of the f32 (a signaling NaN
+//!   becomes quiet, as in `half`).
 //! - f32 -> BF16 rounds to nearest even by adding `0x7FFF + lsb` to the bits and keeping the
 //!   upper half. A NaN keeps its sign and upper payload bits and is made quiet by setting
 //!   bit 6, as `half::bf16::from_f32` does. Finite values that round past the largest
@@ -75,10 +76,13 @@ pub fn f32_to_bf16_bits(x: f32) -> u16 {
     }
 }
 
-/// Converts bf16 bits to f32, exactly.
+/// Converts bf16 bits to f32, exactly; a signaling NaN is made quiet (bit 22 set), as
+/// `half::bf16::to_f32` does.
 #[inline(always)]
 pub fn bf16_bits_to_f32(b: u16) -> f32 {
-    f32::from_bits((b as u32) << 16)
+    let bits = (b as u32) << 16;
+    let is_nan = (b & 0x7FFF) > 0x7F80;
+    f32::from_bits(if is_nan { bits | 0x0040_0000 } else { bits })
 }
 
 fn load_u16(bytes: &[u8], out: &mut [u16]) {

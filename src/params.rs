@@ -12,7 +12,7 @@ pub enum ParamValue {
     /// interpolated in between, as mergekit does.
     Gradient(Vec<f64>),
     /// `(filter, value)` pairs tried in order; the first whose filter is a substring of the
-    /// tensor name wins, and a pair without filter matches every tensor.
+    /// tensor name wins, and a pair without filter (or with `*`) matches every tensor.
     Filtered(Vec<(Option<String>, ParamValue)>),
 }
 
@@ -28,16 +28,17 @@ pub struct LayerPosition {
 impl ParamValue {
     /// Resolves the value for `tensor`. Returns `None` when no filter matches.
     ///
-    /// A gradient is sampled at `t = layer / (num_layers - 1)`; tensors outside the layer
-    /// stack take `t = 0` (embeddings, before the layers) or `t = 1` (everything else), so
-    /// the embedding takes the first value and the head and final norm take the last.
+    /// A gradient is sampled at `t = layer / (num_layers - 1)` (`t = 1` for a single layer);
+    /// tensors outside the layer stack take `t = 0` (embeddings, before the layers) or
+    /// `t = 1` (everything else), so the embedding takes the first value and the head and
+    /// final norm take the last. mergekit's planner uses the same positions.
     pub fn resolve(&self, tensor: &str, position: LayerPosition) -> Option<f64> {
         match self {
             ParamValue::Scalar(x) => Some(*x),
             ParamValue::Gradient(values) => Some(interpolate(values, gradient_t(tensor, position))),
             ParamValue::Filtered(entries) => {
                 entries.iter().find_map(|(filter, value)| match filter {
-                    Some(f) if !tensor.contains(f.as_str()) => None,
+                    Some(f) if f != "*" && !tensor.contains(f.as_str()) => None,
                     _ => value.resolve(tensor, position),
                 })
             }
@@ -50,7 +51,7 @@ fn gradient_t(tensor: &str, position: LayerPosition) -> f64 {
         Some(layer) if position.num_layers > 1 => {
             (layer as f64 / (position.num_layers - 1) as f64).clamp(0.0, 1.0)
         }
-        Some(_) => 0.0,
+        Some(_) => 1.0,
         None if is_embedding(tensor) => 0.0,
         None => 1.0,
     }
@@ -171,7 +172,7 @@ mod tests {
         let v = ParamValue::Filtered(vec![
             (Some("self_attn".into()), ParamValue::Scalar(0.2)),
             (Some("attn".into()), ParamValue::Scalar(0.4)),
-            (None, ParamValue::Scalar(0.9)),
+            (Some("*".into()), ParamValue::Scalar(0.9)),
         ]);
         assert_eq!(
             v.resolve("layers.0.self_attn.q_proj.weight", at(0)),
