@@ -151,7 +151,12 @@ const MODEL_KEYS: &[&str] = &["model", "fisher", "parameters", "layer_range", "s
 /// Options that are words rather than numbers, allowed in the global `parameters:`.
 const WORD_PARAMETERS: &[&str] = &["rescale", "fisher_normalize"];
 
-/// Parses a YAML configuration. Relative paths are resolved against `base_dir`.
+/// mergekit parameters that only tune its own memory use; accepted and ignored, so that
+/// mergekit files run unchanged.
+const IGNORED_PARAMETERS: &[&str] = &["int8_mask"];
+
+/// Parses a YAML configuration. Relative paths are resolved against the working directory,
+/// falling back to `base_dir` (the configuration's folder) for paths found only there.
 ///
 /// # Errors
 /// [`Error::InvalidParameter`] naming `origin` and the line for YAML errors, unknown keys
@@ -299,12 +304,15 @@ pub fn parse_yaml(text: &str, origin: &Path, base_dir: &Path) -> Result<MergeCon
     })
 }
 
-fn resolve_path(p: &str, base_dir: &Path) -> PathBuf {
+/// Resolves a model path as mergekit does, against the working directory; a relative path
+/// that does not exist there but does beside the configuration file is taken from there.
+fn resolve_path(p: &str, config_dir: &Path) -> PathBuf {
     let path = Path::new(p);
-    if path.is_absolute() {
-        path.to_path_buf()
+    let beside_config = config_dir.join(path);
+    if path.is_relative() && !path.exists() && beside_config.exists() {
+        beside_config
     } else {
-        base_dir.join(path)
+        path.to_path_buf()
     }
 }
 
@@ -358,6 +366,13 @@ fn parse_params(
     let mut out = ParamMap::new();
     for (key, value) in raw {
         if global && WORD_PARAMETERS.contains(&key.as_str()) {
+            continue;
+        }
+        if IGNORED_PARAMETERS.contains(&key.as_str()) {
+            log::info!(
+                "{}: {context}: `{key}` tunes mergekit's memory use and is ignored",
+                origin.display()
+            );
             continue;
         }
         if !allowed.contains(&key.as_str()) {
@@ -434,7 +449,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.method, MethodKind::Ties);
-        assert_eq!(c.base_model, Some(PathBuf::from("/m/base")));
+        assert_eq!(c.base_model, Some(PathBuf::from("base")));
         assert_eq!(c.models.len(), 1);
         assert_eq!(c.params.models[0]["density"], ParamValue::Scalar(0.5));
         assert_eq!(c.params.global["normalize"], ParamValue::Scalar(1.0));
@@ -487,7 +502,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.models.len(), 1);
-        assert_eq!(c.models[0].path, PathBuf::from("/m/b"));
+        assert_eq!(c.models[0].path, PathBuf::from("b"));
         let ParamValue::Filtered(entries) = &c.params.global["t"] else {
             panic!("filtered")
         };

@@ -1,0 +1,615 @@
+//! Configuration files, the command line and the files written beside the weights.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use gradmerge::dtype::Dtype;
+use gradmerge::format::encode_header;
+use gradmerge::params::{LayerPosition, ParamValue};
+use safetensors::SafeTensors;
+
+fn data(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(rel)
+}
+
+fn gradmerge(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gradmerge"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run gradmerge")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn tensor_names(path: &Path) -> Vec<String> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn every_example_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut count = 0;
+    for entry in std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples")).unwrap()
+    {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yml") {
+            continue;
+        }
+        let out = dir.path().join(path.file_stem().unwrap());
+        let o = gradmerge(&[
+            "merge",
+            path.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "-q",
+        ]);
+        assert!(o.status.success(), "{}: {}", path.display(), stderr(&o));
+        let weights = out.join("model.safetensors");
+        assert!(!tensor_names(&weights).is_empty(), "{}", path.display());
+        assert!(out.join("README.md").is_file());
+        assert!(out.join("gradmerge_config.yml").is_file());
+        count += 1;
+    }
+    assert!(count >= 11, "only {count} examples found");
+}
+
+/// The examples of mergekit's documentation, with local model paths.
+const MERGEKIT_LINEAR: &str = "
+models:
+  - model: tests/data/gpt2-tiny/bf16/code
+    parameters:
+      weight: 1.0
+  - model: tests/data/gpt2-tiny/bf16/c
+    parameters:
+      weight: 0.3
+  - model: tests/data/gpt2-tiny/bf16/prose
+    parameters:
+      weight: 0.5
+merge_method: linear
+dtype: float16
+";
+
+const MERGEKIT_TASK_ARITHMETIC: &str = "
+merge_method: task_arithmetic
+base_model: tests/data/gpt2-tiny/bf16/base
+models:
+  - model: tests/data/gpt2-tiny/bf16/code
+    parameters:
+      weight: 0.7
+  - model: tests/data/gpt2-tiny/bf16/prose
+    parameters:
+      weight: 0.3
+dtype: bfloat16
+";
+
+const MERGEKIT_TIES: &str = "
+models:
+  - model: tests/data/gpt2-tiny/bf16/code
+    parameters:
+      density: [1, 0.7, 0.1] # density gradient
+      weight: 1.0
+  - model: tests/data/gpt2-tiny/bf16/c
+    parameters:
+      density: 0.5
+      weight: [0, 0.3, 0.7, 1] # weight gradient
+  - model: tests/data/gpt2-tiny/bf16/prose
+    parameters:
+      density: 0.33
+      weight:
+        - filter: mlp
+          value: 0.5
+        - value: 0
+merge_method: ties
+base_model: tests/data/gpt2-tiny/bf16/base
+parameters:
+  normalize: true
+  int8_mask: true
+dtype: float16
+";
+
+const MERGEKIT_DARE_TIES: &str = "
+models:
+  - model: tests/data/gpt2-tiny/bf16/base
+    # no parameters necessary for base model
+  - model: tests/data/gpt2-tiny/bf16/code
+    parameters:
+      density: 0.53
+      weight: 0.4
+  - model: tests/data/gpt2-tiny/bf16/c
+    parameters:
+      density: 0.53
+      weight: 0.3
+  - model: tests/data/gpt2-tiny/bf16/prose
+    parameters:
+      density: 0.53
+      weight: 0.3
+merge_method: dare_ties
+base_model: tests/data/gpt2-tiny/bf16/base
+parameters:
+  int8_mask: true
+dtype: bfloat16
+";
+
+const MERGEKIT_SLERP: &str = "
+slices:
+  - sources:
+      - model: tests/data/gpt2-tiny/bf16/base
+        layer_range: [0, 2]
+      - model: tests/data/gpt2-tiny/bf16/code
+        layer_range: [0, 2]
+merge_method: slerp
+base_model: tests/data/gpt2-tiny/bf16/base
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5 # fallback for rest of tensors
+dtype: bfloat16
+";
+
+#[test]
+fn mergekit_documentation_configs_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("linear", MERGEKIT_LINEAR, Dtype::F16),
+        ("task_arithmetic", MERGEKIT_TASK_ARITHMETIC, Dtype::BF16),
+        ("ties", MERGEKIT_TIES, Dtype::F16),
+        ("dare_ties", MERGEKIT_DARE_TIES, Dtype::BF16),
+        ("slerp", MERGEKIT_SLERP, Dtype::BF16),
+    ];
+    for (name, yaml, dtype) in cases {
+        // Relative paths in a configuration are resolved against its folder.
+        let config =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("target/mergekit-{name}.yml"));
+        std::fs::write(&config, yaml).unwrap();
+        let out = dir.path().join(name);
+        let o = gradmerge(&[
+            "merge",
+            config.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "-q",
+        ]);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let wte = st.tensor("transformer.wte.weight").unwrap();
+        let expected = if dtype == Dtype::F16 {
+            safetensors::Dtype::F16
+        } else {
+            safetensors::Dtype::BF16
+        };
+        assert_eq!(wte.dtype(), expected, "{name}");
+        let config_json = std::fs::read_to_string(out.join("config.json")).unwrap();
+        assert!(
+            config_json.contains(dtype.torch_name().unwrap()),
+            "{name}: {config_json}"
+        );
+    }
+}
+
+#[test]
+fn filters_and_gradients_resolve_like_mergekit() {
+    let yaml = MERGEKIT_TIES.replace("tests/data", "/d");
+    let c = gradmerge::config::parse_yaml(&yaml, Path::new("ties.yml"), Path::new("/")).unwrap();
+    // mergekit samples a gradient at t = layer / (num_layers - 1); embeddings take t = 0 and
+    // tensors after the layers t = 1.
+    let layers = 2;
+    let at = |layer: Option<u64>| LayerPosition {
+        layer,
+        num_layers: layers,
+    };
+    let density = |m: usize, tensor: &str, layer| c.params.model(m, "density", tensor, at(layer));
+    let weight = |m: usize, tensor: &str, layer| c.params.model(m, "weight", tensor, at(layer));
+
+    // [1, 0.7, 0.1] at t = 0, 1 and the embedding (t = 0).
+    assert_eq!(
+        density(0, "transformer.h.0.attn.c_attn.weight", Some(0)),
+        Some(1.0)
+    );
+    assert_eq!(
+        density(0, "transformer.h.1.attn.c_attn.weight", Some(1)),
+        Some(0.1)
+    );
+    assert_eq!(density(0, "transformer.wte.weight", None), Some(1.0));
+    // [0, 0.3, 0.7, 1] at t = 1 (last layer, final norm) is 1.
+    assert_eq!(
+        weight(1, "transformer.h.1.mlp.c_fc.weight", Some(1)),
+        Some(1.0)
+    );
+    assert_eq!(weight(1, "transformer.ln_f.weight", None), Some(1.0));
+    // With four layers, layer 1 has t = 1/3: 0.3 exactly for the weight gradient.
+    let four = LayerPosition {
+        layer: Some(1),
+        num_layers: 4,
+    };
+    let w = c
+        .params
+        .model(1, "weight", "model.layers.1.mlp.up_proj.weight", four)
+        .unwrap();
+    assert!((w - 0.3).abs() < 1e-12, "{w}");
+    // And 1 - 1/3 of the way from 1 to 0.7 for [1, 0.7, 0.1]: t * 2 = 2/3.
+    let d = c
+        .params
+        .model(0, "density", "model.layers.1.mlp.up_proj.weight", four)
+        .unwrap();
+    assert!((d - (1.0 + (0.7 - 1.0) * (2.0 / 3.0))).abs() < 1e-12, "{d}");
+    // Filters: the first match wins, the entry without a filter is the fallback.
+    assert_eq!(
+        weight(2, "transformer.h.0.mlp.c_fc.weight", Some(0)),
+        Some(0.5)
+    );
+    assert_eq!(
+        weight(2, "transformer.h.0.attn.c_attn.weight", Some(0)),
+        Some(0.0)
+    );
+    // Per-model values win over global ones; unset model values fall back to global.
+    assert_eq!(
+        c.params.global.get("normalize"),
+        Some(&ParamValue::Scalar(1.0))
+    );
+    assert_eq!(c.params.model(0, "normalize", "x", at(None)), Some(1.0));
+}
+
+#[test]
+fn flags_merge_matches_config_merge() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("flags");
+    let b = dir.path().join("yaml");
+    let o = gradmerge(&[
+        "merge",
+        "--method",
+        "task_arithmetic",
+        "--base",
+        data("mlp-digits/f32/models/base.safetensors")
+            .to_str()
+            .unwrap(),
+        "--model",
+        data("mlp-digits/f32/models/rot30.safetensors")
+            .to_str()
+            .unwrap(),
+        "--model",
+        data("mlp-digits/f32/models/mirror.safetensors")
+            .to_str()
+            .unwrap(),
+        "--model",
+        data("mlp-digits/f32/models/shift.safetensors")
+            .to_str()
+            .unwrap(),
+        "--model",
+        data("mlp-digits/f32/models/thick.safetensors")
+            .to_str()
+            .unwrap(),
+        "--weight",
+        "0.5",
+        "--out",
+        a.to_str().unwrap(),
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = gradmerge(&[
+        "merge",
+        "examples/task_arithmetic.yml",
+        "--out",
+        b.to_str().unwrap(),
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let x = std::fs::read(a.join("model.safetensors")).unwrap();
+    let y = std::fs::read(b.join("model.safetensors")).unwrap();
+    assert_eq!(x, y);
+}
+
+#[test]
+fn dry_run_prints_plan() {
+    let o = gradmerge(&["merge", "examples/ties.yml", "--dry-run"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("method: ties"), "{text}");
+    assert!(text.contains("tensors: 28 out"), "{text}");
+    assert!(text.contains("1 shard"), "{text}");
+    assert!(text.contains("memory budget"), "{text}");
+    assert!(text.contains("density"), "{text}");
+}
+
+#[test]
+fn dry_run_normalized_weights() {
+    let o = gradmerge(&["merge", "examples/linear.yml", "--dry-run"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("effective 0.3333"), "{text}");
+}
+
+/// Writes a copy of a single-file checkpoint without the tensors in `drop`.
+fn copy_without(src: &Path, dst: &Path, drop: &[&str]) {
+    let bytes = std::fs::read(src).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut kept: Vec<(String, Dtype, Vec<u64>, Vec<u8>)> = Vec::new();
+    for (name, view) in st.tensors() {
+        if drop.contains(&name.as_str()) {
+            continue;
+        }
+        let dtype = Dtype::from_header_name(&format!("{:?}", view.dtype())).unwrap();
+        let shape = view.shape().iter().map(|&d| d as u64).collect();
+        kept.push((name, dtype, shape, view.data().to_vec()));
+    }
+    kept.sort_by(|a, b| a.0.cmp(&b.0));
+    let entries: Vec<(&str, Dtype, &[u64])> = kept
+        .iter()
+        .map(|(n, d, s, _)| (n.as_str(), *d, s.as_slice()))
+        .collect();
+    let (mut out, _) = encode_header(&entries, &[]);
+    for (_, _, _, data) in &kept {
+        out.extend_from_slice(data);
+    }
+    std::fs::write(dst, out).unwrap();
+}
+
+#[test]
+fn dry_run_lists_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = |n: &str| data(&format!("mlp-digits/f32/models/{n}.safetensors"));
+    let f = |n: &str| data(&format!("mlp-digits/f32/fishers/{n}.safetensors"));
+    let a = dir.path().join("a.safetensors");
+    let b = dir.path().join("b.safetensors");
+    let fa = dir.path().join("fa.safetensors");
+    copy_without(&m("rot30"), &a, &["layers.0.bias"]);
+    copy_without(&m("mirror"), &b, &["layers.2.weight"]);
+    copy_without(&f("rot30"), &fa, &["layers.1.bias"]);
+    let o = gradmerge(&[
+        "merge",
+        "--method",
+        "gradmatch",
+        "--base",
+        m("base").to_str().unwrap(),
+        "--model",
+        a.to_str().unwrap(),
+        "--fisher",
+        fa.to_str().unwrap(),
+        "--model",
+        b.to_str().unwrap(),
+        "--fisher",
+        f("mirror").to_str().unwrap(),
+        "--dry-run",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("`layers.0.bias` is missing from"), "{err}");
+    assert!(err.contains("`layers.2.weight` is missing from"), "{err}");
+    assert!(err.contains("has no tensor `layers.1.bias`"), "{err}");
+    assert!(err.contains("3 problems"), "{err}");
+}
+
+#[test]
+fn exit_codes_distinguish_usage_from_failure() {
+    let o = gradmerge(&[
+        "merge",
+        "--method",
+        "dare-ties",
+        "--model",
+        "x",
+        "--dry-run",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("did you mean `dare_ties`"),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = gradmerge(&["merge", "--no-such-flag"]);
+    assert_eq!(o.status.code(), Some(2));
+
+    let o = gradmerge(&[
+        "merge",
+        "--method",
+        "linear",
+        "--model",
+        "/nonexistent/model",
+        "--dry-run",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("/nonexistent/model: not found"),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = gradmerge(&["inspect", "/nonexistent/model"]);
+    assert_eq!(o.status.code(), Some(1));
+}
+
+#[test]
+fn unknown_config_key_names_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.yml");
+    std::fs::write(
+        &config,
+        "merge_method: linear\nmodels:\n  - model: a\n    paramters:\n      weight: 1\n",
+    )
+    .unwrap();
+    let o = gradmerge(&["merge", config.to_str().unwrap(), "--dry-run"]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert!(err.contains("line 4"), "{err}");
+    assert!(err.contains("did you mean `parameters`"), "{err}");
+}
+
+#[test]
+fn tied_embeddings_write_no_head() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let o = gradmerge(&[
+        "merge",
+        "examples/task_arithmetic_negation.yml",
+        "--out",
+        out.to_str().unwrap(),
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let names = tensor_names(&out.join("model.safetensors"));
+    assert!(!names.iter().any(|n| n == "lm_head.weight"), "{names:?}");
+    assert_eq!(
+        names,
+        tensor_names(&data("gpt2-tiny/bf16/base/model.safetensors"))
+    );
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_ne!(
+        config["tie_word_embeddings"],
+        serde_json::Value::Bool(false)
+    );
+}
+
+#[test]
+fn side_files_and_dtype_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let o = gradmerge(&[
+        "merge",
+        "--method",
+        "linear",
+        "--model",
+        data("gpt2-tiny/f32/code").to_str().unwrap(),
+        "--model",
+        data("gpt2-tiny/f32/prose").to_str().unwrap(),
+        "--out-dtype",
+        "bfloat16",
+        "--out",
+        out.to_str().unwrap(),
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.json",
+        "merges.txt",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["dtype"], "bfloat16", "{config}");
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(card.contains("`linear`"), "{card}");
+}
+
+#[test]
+fn sharded_output_with_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let o = gradmerge(&[
+        "merge",
+        "--method",
+        "task_arithmetic",
+        "--base",
+        data("gpt2-tiny/bf16-sharded/base").to_str().unwrap(),
+        "--model",
+        data("gpt2-tiny/bf16/code").to_str().unwrap(),
+        "--shard-size",
+        "100K",
+        "--out",
+        out.to_str().unwrap(),
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("model.safetensors.index.json")).unwrap())
+            .unwrap();
+    let map = index["weight_map"].as_object().unwrap();
+    assert_eq!(map.len(), 28);
+    let total: u64 = index["metadata"]["total_size"].as_u64().unwrap();
+    assert_eq!(total, 141_056 * 2);
+    let shards: std::collections::BTreeSet<&str> =
+        map.values().map(|v| v.as_str().unwrap()).collect();
+    assert!(shards.len() >= 3, "{shards:?}");
+    for s in &shards {
+        assert!(
+            s.starts_with("model-0000") && s.contains(&format!("-of-{:05}", shards.len())),
+            "{s}"
+        );
+    }
+}
+
+#[test]
+fn verbosity_levels() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("v");
+    let o = gradmerge(&[
+        "merge",
+        "examples/task_arithmetic.yml",
+        "--out",
+        out.to_str().unwrap(),
+        "-v",
+    ]);
+    assert!(o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("threads, chunks of"), "{err}");
+    assert!(
+        !err.contains("inputs,"),
+        "-v must not log per tensor: {err}"
+    );
+    assert!(err.contains("merged 6 tensors"), "{err}");
+
+    let out = dir.path().join("vv");
+    let o = gradmerge(&[
+        "merge",
+        "examples/task_arithmetic.yml",
+        "--out",
+        out.to_str().unwrap(),
+        "-vv",
+    ]);
+    assert!(stderr(&o).contains("`layers.0.weight`"), "{}", stderr(&o));
+
+    let out = dir.path().join("q");
+    let o = gradmerge(&[
+        "merge",
+        "examples/task_arithmetic.yml",
+        "--out",
+        out.to_str().unwrap(),
+        "-q",
+    ]);
+    assert!(o.status.success());
+    assert_eq!(stderr(&o), "");
+}
+
+#[test]
+fn report_lists_tensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let report = dir.path().join("report.json");
+    let o = gradmerge(&[
+        "merge",
+        "examples/ties.yml",
+        "--out",
+        out.to_str().unwrap(),
+        "-q",
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(r["tensors"], 28);
+    assert!(r["peak_rss_bytes"].as_u64().unwrap() > 0);
+    let first = &r["per_tensor"][0];
+    let kept = first["fraction_kept"].as_f64().unwrap();
+    assert!(kept > 0.29 && kept <= 0.5, "{first}");
+}
