@@ -173,9 +173,8 @@ fn mergekit_documentation_configs_run() {
         ("slerp", MERGEKIT_SLERP, Dtype::BF16),
     ];
     for (name, yaml, dtype) in cases {
-        // Relative paths in a configuration are resolved against its folder.
-        let config =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("target/mergekit-{name}.yml"));
+        // Relative model paths resolve against the working directory, as in mergekit.
+        let config = dir.path().join(format!("mergekit-{name}.yml"));
         std::fs::write(&config, yaml).unwrap();
         let out = dir.path().join(name);
         let o = gradmerge(&[
