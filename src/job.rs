@@ -182,6 +182,7 @@ impl MergeJob {
             folder,
             self.plan.out_dtype,
             untie,
+            self.plan.vocab_size,
         )?;
         Ok(())
     }

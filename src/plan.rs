@@ -9,7 +9,7 @@ use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::format::{encode_header, encode_index};
 use crate::method::{Layout, MethodKind};
-use crate::view::{TensorInputs, TensorView};
+use crate::view::{Tail, TensorInputs, TensorView};
 use crate::writer::ShardSpec;
 
 /// Default output shard size: 5 GB, as `transformers` uses.
@@ -99,7 +99,7 @@ pub fn lookup<'a>(ckpt: &'a Checkpoint, name: &str) -> Option<TensorView<'a>> {
             .and_then(|(_, input)| ckpt.get(input))
             .filter(|_| ckpt.ties_embeddings() || ckpt.config().is_none())
     });
-    found.map(|(source, info)| TensorView { source, info })
+    found.map(|(source, info)| TensorView::new(source, info))
 }
 
 /// What the engine does for one output tensor.
@@ -146,6 +146,23 @@ pub struct PlanOptions {
     pub out_dtype: Option<Dtype>,
     /// Largest data size of one output shard, in bytes.
     pub shard_size_bytes: u64,
+    /// What to do when embedding matrices have different numbers of rows.
+    pub vocab_policy: VocabPolicy,
+}
+
+/// What to do when models' embedding matrices have different numbers of rows (different
+/// vocabulary sizes). Rows are never dropped or invented silently.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum VocabPolicy {
+    /// Stop with an error that shows both shapes (the default).
+    #[default]
+    Error,
+    /// Keep the base model's rows: larger models contribute their first rows only, and a
+    /// smaller model's missing rows are taken from a model that has them.
+    Base,
+    /// Keep the most rows any model has: a model's missing rows (the base's too) are taken
+    /// from a model that has them, so rows that only one model has are copied from it.
+    Fill,
 }
 
 impl Default for PlanOptions {
@@ -153,6 +170,7 @@ impl Default for PlanOptions {
         PlanOptions {
             out_dtype: None,
             shard_size_bytes: DEFAULT_SHARD_SIZE_BYTES,
+            vocab_policy: VocabPolicy::Error,
         }
     }
 }
@@ -172,6 +190,9 @@ pub struct Plan {
     pub notes: Vec<String>,
     /// The output dtype of the merged float tensors (the most common one).
     pub out_dtype: Option<Dtype>,
+    /// Rows of the output embedding when a vocabulary policy changed them, for
+    /// `config.json`'s `vocab_size`.
+    pub vocab_size: Option<u64>,
 }
 
 impl Plan {
@@ -218,13 +239,61 @@ impl Plan {
         let ordered = inputs.ordered(kind);
         let mut tensors = Vec::with_capacity(names.len());
         let mut dtypes_seen = BTreeSet::new();
+        let mut vocab_size = None;
         for name in &names {
             let Some(r) = lookup(reference, name) else {
                 continue;
             };
-            let shape = r.info.shape.clone();
+            let mut shape = r.info.shape.clone();
             let is_float = r.dtype().is_mergeable_float();
             check_quantized(reference, name, r.dtype())?;
+
+            // Embeddings whose rows differ get the row count the vocabulary policy sets.
+            let models_and_base = || {
+                std::iter::once(reference)
+                    .chain(&inputs.models)
+                    .chain(inputs.base.iter())
+            };
+            let rows: Vec<u64> = models_and_base()
+                .filter_map(|c| lookup(c, name))
+                .filter(|v| same_but_rows(&v.info.shape, &shape))
+                .map(|v| v.info.shape[0])
+                .collect();
+            let rows_differ = rows.iter().any(|&n| n != shape[0]);
+            let mut resized = false;
+            if rows_differ && is_embedding(name) && options.vocab_policy != VocabPolicy::Error {
+                let out_rows = match options.vocab_policy {
+                    VocabPolicy::Fill => rows.iter().copied().max().unwrap_or(shape[0]),
+                    _ => shape[0],
+                };
+                notes.push(format!(
+                    "`{name}` has {} rows in the inputs; {out_rows} rows are written ({:?} vocabulary policy)",
+                    rows.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", "),
+                    options.vocab_policy
+                ));
+                shape[0] = out_rows;
+                resized = true;
+                if vocab_size.is_none() || name.contains("embed") || name.contains("wte") {
+                    vocab_size = Some(out_rows);
+                }
+            }
+            let fits = |v: &TensorView<'_>, group: &[TensorView<'_>]| {
+                v.info.shape == shape
+                    || (resized
+                        && same_but_rows(&v.info.shape, &shape)
+                        && (v.info.shape[0] >= shape[0]
+                            || group
+                                .iter()
+                                .any(|d| d.info.shape[0] >= shape[0] && d.dtype() == v.dtype())))
+            };
+            let model_views: Vec<TensorView<'_>> =
+                models_and_base().filter_map(|c| lookup(c, name)).collect();
+            let fisher_views: Vec<TensorView<'_>> = inputs
+                .fishers
+                .iter()
+                .chain(inputs.base_fisher.iter())
+                .filter_map(|c| lookup(c, name))
+                .collect();
 
             // Every model has the tensor with the same shape and kind of dtype.
             let mut dtypes = BTreeSet::new();
@@ -237,7 +306,7 @@ impl Plan {
                         "`{name}` is missing from {}",
                         ckpt.path().display()
                     )),
-                    Some(v) if v.info.shape != shape => problems.push(shape_problem(name, ckpt, &v.info.shape, reference, &shape)),
+                    Some(v) if !fits(&v, &model_views) => problems.push(shape_problem(name, ckpt, &v.info.shape, reference, &shape)),
                     Some(v) if v.dtype().is_mergeable_float() != is_float => problems.push(format!(
                         "`{name}` is {} in {} but {} in {}; the models must store it in the same kind of dtype",
                         v.dtype(), ckpt.path().display(), r.dtype(), reference.path().display()
@@ -264,7 +333,7 @@ impl Plan {
                             "Fisher {} has no tensor `{name}`",
                             fisher.path().display()
                         )),
-                        Some(v) if v.info.shape != shape => problems.push(format!(
+                        Some(v) if !fits(&v, &fisher_views) => problems.push(format!(
                             "Fisher {} has `{name}` with shape {:?}, the model has {:?}",
                             fisher.path().display(), v.info.shape, shape
                         )),
@@ -357,6 +426,7 @@ impl Plan {
             index,
             notes,
             out_dtype,
+            vocab_size,
         })
     }
 
@@ -370,20 +440,54 @@ impl Plan {
     }
 
     /// The inputs of output tensor `i` in kernel order.
+    ///
+    /// A view with fewer rows than the output (under a vocabulary policy) reads its missing
+    /// rows from the first input of its group (models, or Fishers) that has them.
     pub fn tensor_inputs<'a>(&'a self, inputs: &'a MergeInputs, i: usize) -> TensorInputs<'a> {
         let t = &self.tensors[i];
-        let views = inputs
+        let layout = inputs.layout(self.kind);
+        let mut views: Vec<TensorView<'a>> = inputs
             .ordered(self.kind)
             .into_iter()
             .map(|c| lookup(c, &t.name).expect("validated by Plan::build"))
             .collect();
+        let models_end = layout.has_base as usize + layout.models;
+        let elems = t.elems();
+        for group in [0..models_end, models_end..views.len()] {
+            let donors: Vec<TensorView<'a>> = views[group.clone()].to_vec();
+            for v in &mut views[group] {
+                if v.info.elems() < elems {
+                    let donor = donors
+                        .iter()
+                        .find(|d| d.info.elems() >= elems && d.dtype() == v.dtype())
+                        .expect("validated by Plan::build");
+                    v.tail = Some(Tail {
+                        start_elems: v.info.elems(),
+                        source: donor.source,
+                        info: donor.info,
+                    });
+                }
+            }
+        }
         TensorInputs {
             name: &t.name,
-            elems: t.elems(),
+            elems,
             shape: &t.shape,
             views,
         }
     }
+}
+
+/// True when two shapes differ at most in their first dimension.
+fn same_but_rows(a: &[u64], b: &[u64]) -> bool {
+    a.len() == b.len() && !a.is_empty() && a[1..] == b[1..]
+}
+
+/// True for tensors whose rows are vocabulary entries.
+fn is_embedding(name: &str) -> bool {
+    ["embed", "wte", "lm_head", "word_embeddings", "embed_out"]
+        .iter()
+        .any(|k| name.contains(k))
 }
 
 fn check_inputs_for_method(inputs: &MergeInputs, kind: MethodKind) -> Result<()> {
@@ -440,8 +544,8 @@ fn shape_problem(
     let is_embedding = name.contains("embed") || name.contains("wte") || name.contains("lm_head");
     if rows_only && is_embedding {
         format!(
-            "`{name}` has {} rows in {} but {} in {} (different vocabulary sizes); gradmerge never truncates rows: resize the embeddings so the vocabularies match, or drop that model",
-            shape[0], ckpt.path().display(), ref_shape[0], reference.path().display()
+            "`{name}` has shape {shape:?} in {} but {ref_shape:?} in {} (different vocabulary sizes, {} and {} rows); rows are never dropped silently: choose --vocab-policy base (keep the base's rows) or --vocab-policy fill (take missing rows from the model that has them), or drop that model",
+            ckpt.path().display(), reference.path().display(), shape[0], ref_shape[0]
         )
     } else {
         format!(

@@ -37,7 +37,8 @@ fn is_side_pattern(name: &str) -> bool {
 ///
 /// `config.json` comes from `config_from` (the base model) and its `torch_dtype`/`dtype`
 /// field is set to `out_dtype`; the tokenizer files come from `from`. Tied embeddings are
-/// untied in the copied config when `untie` is set (the output holds a distinct head).
+/// untied in the copied config when `untie` is set (the output holds a distinct head), and
+/// `vocab_size` is set when a vocabulary policy changed the embedding rows.
 ///
 /// # Errors
 /// [`Error::Io`] if a copy or write fails.
@@ -47,6 +48,7 @@ pub fn copy_side_files(
     to: &Path,
     out_dtype: Option<Dtype>,
     untie: bool,
+    vocab_size: Option<u64>,
 ) -> Result<Vec<String>> {
     let mut copied = Vec::new();
     if let Some(folder) = tokenizer_from {
@@ -74,7 +76,7 @@ pub fn copy_side_files(
             let bytes = fs::read(&src).map_err(|e| Error::io("read", &src, e))?;
             let mut config: Value = serde_json::from_slice(&bytes)
                 .map_err(|e| Error::Mismatch(format!("{}: invalid JSON: {e}", src.display())))?;
-            update_config(&mut config, out_dtype, untie);
+            update_config(&mut config, out_dtype, untie, vocab_size);
             let mut text = serde_json::to_vec_pretty(&config).expect("JSON value");
             text.push(b'\n');
             let dst = to.join("config.json");
@@ -91,7 +93,12 @@ fn set_writable(path: &Path) -> Result<()> {
         .map_err(|e| Error::io("chmod", path, e))
 }
 
-fn update_config(config: &mut Value, out_dtype: Option<Dtype>, untie: bool) {
+fn update_config(
+    config: &mut Value,
+    out_dtype: Option<Dtype>,
+    untie: bool,
+    vocab_size: Option<u64>,
+) {
     let Value::Object(map) = config else { return };
     if let Some(name) = out_dtype.and_then(Dtype::torch_name) {
         // transformers 4 writes `torch_dtype`, transformers 5 writes `dtype`.
@@ -109,6 +116,9 @@ fn update_config(config: &mut Value, out_dtype: Option<Dtype>, untie: bool) {
     if untie {
         map.insert("tie_word_embeddings".into(), Value::Bool(false));
     }
+    if let Some(rows) = vocab_size {
+        map.insert("vocab_size".into(), Value::from(rows));
+    }
 }
 
 #[cfg(test)]
@@ -118,8 +128,9 @@ mod tests {
     #[test]
     fn config_dtype_updated() {
         let mut c: Value = serde_json::json!({"dtype": "float32", "n_layer": 2});
-        update_config(&mut c, Some(Dtype::BF16), false);
+        update_config(&mut c, Some(Dtype::BF16), false, Some(600));
         assert_eq!(c["dtype"], "bfloat16");
         assert_eq!(c["n_layer"], 2);
+        assert_eq!(c["vocab_size"], 600);
     }
 }

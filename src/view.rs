@@ -15,16 +15,46 @@ use crate::source::Source;
 /// whatever the chunk size and thread count.
 pub const REDUCE_BLOCK_ELEMS: u64 = 1 << 16;
 
-/// One input tensor: a validated header entry and the file it lives in.
+/// One input tensor: a validated header entry and the file it lives in, optionally
+/// followed by the rows of another tensor.
+///
+/// With a `tail`, elements from `tail.start_elems` on are read from the tail tensor at the
+/// same element offsets. This fills the rows a model lacks (a smaller vocabulary) from a
+/// model that has them.
 #[derive(Clone, Copy, Debug)]
 pub struct TensorView<'a> {
     /// The file.
     pub source: &'a Source,
     /// The header entry.
     pub info: &'a TensorInfo,
+    /// Where elements past the end of this tensor come from.
+    pub tail: Option<Tail<'a>>,
+}
+
+/// The tensor that supplies the elements after the end of a shorter one.
+///
+/// Invariant: same dtype as the view it extends, and at least as many elements as the
+/// output tensor.
+#[derive(Clone, Copy, Debug)]
+pub struct Tail<'a> {
+    /// First element read from the tail.
+    pub start_elems: u64,
+    /// The tail tensor's file.
+    pub source: &'a Source,
+    /// The tail tensor's header entry.
+    pub info: &'a TensorInfo,
 }
 
 impl<'a> TensorView<'a> {
+    /// A view of one whole tensor.
+    pub fn new(source: &'a Source, info: &'a TensorInfo) -> TensorView<'a> {
+        TensorView {
+            source,
+            info,
+            tail: None,
+        }
+    }
+
     /// Element type.
     pub fn dtype(&self) -> Dtype {
         self.info.dtype
@@ -33,15 +63,41 @@ impl<'a> TensorView<'a> {
     /// Reads elements `range` as raw bytes.
     pub fn bytes(&self, range: &Range<u64>) -> Result<Cow<'a, [u8]>> {
         let size = self.info.dtype.size_bytes() as u64;
-        self.source
-            .bytes(self.info, range.start * size..range.end * size)
+        let bytes_of = |r: &Range<u64>| r.start * size..r.end * size;
+        let Some(tail) = self.tail.filter(|t| range.end > t.start_elems) else {
+            return self.source.bytes(self.info, bytes_of(range));
+        };
+        if range.start >= tail.start_elems {
+            return tail.source.bytes(tail.info, bytes_of(range));
+        }
+
+        // The range spans the end of this tensor: join both parts.
+        let head = self
+            .source
+            .bytes(self.info, bytes_of(&(range.start..tail.start_elems)))?;
+        let rest = tail
+            .source
+            .bytes(tail.info, bytes_of(&(tail.start_elems..range.end)))?;
+        let mut joined = Vec::with_capacity(head.len() + rest.len());
+        joined.extend_from_slice(&head);
+        joined.extend_from_slice(&rest);
+        Ok(Cow::Owned(joined))
     }
 
     /// Releases the pages of elements `range` (see [`Source::release`]).
     pub fn release(&self, range: &Range<u64>) {
         let size = self.info.dtype.size_bytes() as u64;
-        self.source
-            .release(self.info, range.start * size..range.end * size);
+        let own_end = self
+            .tail
+            .map_or(range.end, |t| range.end.min(t.start_elems));
+        if range.start < own_end {
+            self.source
+                .release(self.info, range.start * size..own_end * size);
+        }
+        if let Some(t) = self.tail.filter(|t| range.end > t.start_elems) {
+            let start = range.start.max(t.start_elems);
+            t.source.release(t.info, start * size..range.end * size);
+        }
     }
 }
 

@@ -612,3 +612,137 @@ fn report_lists_tensors() {
     let kept = first["fraction_kept"].as_f64().unwrap();
     assert!(kept > 0.29 && kept <= 0.5, "{first}");
 }
+
+/// Copies a gpt2-tiny bf16 model folder, appending `extra` rows to `transformer.wte.weight`.
+/// Row `r` of the new rows holds the bf16 value `r + 1` in every column.
+fn gpt2_with_extra_rows(model: &str, extra: u64, dst: &Path) {
+    let src = data(&format!("gpt2-tiny/bf16/{model}"));
+    std::fs::create_dir_all(dst).unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().unwrap() != "model.safetensors" {
+            std::fs::copy(&path, dst.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, Vec<u64>, Vec<u8>, usize)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            let shape: Vec<u64> = v.shape().iter().map(|&d| d as u64).collect();
+            let offset = v.data().as_ptr() as usize - bytes.as_ptr() as usize;
+            (n, shape, v.data().to_vec(), offset)
+        })
+        .collect();
+    tensors.sort_by_key(|t| t.3);
+    for (name, shape, data, _) in &mut tensors {
+        if name == "transformer.wte.weight" {
+            for r in 0..extra {
+                let value = half::bf16::from_f32((r + 1) as f32).to_bits().to_le_bytes();
+                for _ in 0..shape[1] {
+                    data.extend_from_slice(&value);
+                }
+            }
+            shape[0] += extra;
+        }
+    }
+    let entries: Vec<(&str, Dtype, &[u64])> = tensors
+        .iter()
+        .map(|(n, s, _, _)| (n.as_str(), Dtype::BF16, s.as_slice()))
+        .collect();
+    let (mut out, _) = encode_header(&entries, &[("format".into(), "pt".into())]);
+    for (_, _, data, _) in &tensors {
+        out.extend_from_slice(data);
+    }
+    std::fs::write(dst.join("model.safetensors"), out).unwrap();
+}
+
+fn read_tensor(path: &Path, name: &str) -> (Vec<usize>, Vec<u8>) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(name).unwrap();
+    (t.shape().to_vec(), t.data().to_vec())
+}
+
+#[test]
+fn vocab_mismatch_needs_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("code-520");
+    gpt2_with_extra_rows("code", 8, &big);
+    let out = dir.path().join("out");
+    let base = data("gpt2-tiny/bf16/base");
+    let prose = data("gpt2-tiny/bf16/prose");
+    let args = |policy: Option<&str>, out: &Path| {
+        let mut a = vec![
+            "merge".to_string(),
+            "--method".into(),
+            "task_arithmetic".into(),
+            "--base".into(),
+            base.display().to_string(),
+            "--model".into(),
+            big.display().to_string(),
+            "--model".into(),
+            prose.display().to_string(),
+            "--out".into(),
+            out.display().to_string(),
+            "-q".into(),
+        ];
+        if let Some(p) = policy {
+            a.extend(["--vocab-policy".to_string(), p.to_string()]);
+        }
+        a
+    };
+    let run = |a: Vec<String>| gradmerge(&a.iter().map(String::as_str).collect::<Vec<_>>());
+
+    // Without a policy: an error with both shapes and the choices, and no output.
+    let o = run(args(None, &out));
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(
+        err.contains("[520, 64]") && err.contains("[512, 64]"),
+        "{err}"
+    );
+    assert!(
+        err.contains("--vocab-policy base") && err.contains("--vocab-policy fill"),
+        "{err}"
+    );
+    assert!(!out.exists());
+
+    // fill: 520 rows; the new rows come from the only model that has them.
+    let fill = dir.path().join("fill");
+    let o = run(args(Some("fill"), &fill));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (shape, bytes) = read_tensor(&fill.join("model.safetensors"), "transformer.wte.weight");
+    assert_eq!(shape, vec![520, 64]);
+    let (_, donor) = read_tensor(&big.join("model.safetensors"), "transformer.wte.weight");
+    assert_eq!(&bytes[512 * 64 * 2..], &donor[512 * 64 * 2..]);
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fill.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["vocab_size"], 520);
+
+    // base: 512 rows, the same as merging the model without its extra rows.
+    let keep = dir.path().join("base");
+    let o = run(args(Some("base"), &keep));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let plain = dir.path().join("plain");
+    let o = gradmerge(&[
+        "merge",
+        "--method",
+        "task_arithmetic",
+        "--base",
+        base.to_str().unwrap(),
+        "--model",
+        data("gpt2-tiny/bf16/code").to_str().unwrap(),
+        "--model",
+        prose.to_str().unwrap(),
+        "--out",
+        plain.to_str().unwrap(),
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(keep.join("model.safetensors")).unwrap(),
+        std::fs::read(plain.join("model.safetensors")).unwrap()
+    );
+}

@@ -11,7 +11,7 @@ use gradmerge::job::MergeJob;
 use gradmerge::method::{FisherNormalize, MethodKind, Rescale};
 use gradmerge::params::{MergeParams, ParamValue};
 use gradmerge::pipeline::{EngineOptions, Precision, DEFAULT_BUDGET_BYTES};
-use gradmerge::plan::PlanOptions;
+use gradmerge::plan::{PlanOptions, VocabPolicy};
 use gradmerge::source::IoMode;
 use gradmerge::units::{format_size, parse_size};
 use gradmerge::Error;
@@ -117,6 +117,12 @@ pub struct MergeArgs {
     #[arg(long)]
     allow_non_finite: bool,
 
+    /// What to do when embeddings have different numbers of rows (vocabulary sizes):
+    /// error (the default), base (keep the base model's rows) or fill (keep the most rows,
+    /// taking each model's missing rows from a model that has them).
+    #[arg(long, value_enum, default_value_t = VocabArg::Error)]
+    vocab_policy: VocabArg,
+
     /// Write a JSON report: summary and per-tensor statistics.
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
@@ -126,6 +132,13 @@ pub struct MergeArgs {
 enum IoArg {
     Mmap,
     Read,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum VocabArg {
+    Error,
+    Base,
+    Fill,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -344,6 +357,11 @@ pub fn run(args: &MergeArgs, quiet: bool) -> anyhow::Result<()> {
         PlanOptions {
             out_dtype: None,
             shard_size_bytes,
+            vocab_policy: match args.vocab_policy {
+                VocabArg::Error => VocabPolicy::Error,
+                VocabArg::Base => VocabPolicy::Base,
+                VocabArg::Fill => VocabPolicy::Fill,
+            },
         },
     )?;
     for note in &job.plan.notes {
