@@ -60,6 +60,8 @@ pub struct EngineOptions {
     pub precision: Precision,
     /// Write NaN and overflowed values instead of stopping.
     pub allow_non_finite: bool,
+    /// Compute the L2 norm of every task vector for the report (one extra read pass).
+    pub task_vector_norms: bool,
 }
 
 impl Default for EngineOptions {
@@ -71,6 +73,7 @@ impl Default for EngineOptions {
             channel_depth: None,
             precision: Precision::F32,
             allow_non_finite: false,
+            task_vector_norms: false,
         }
     }
 }
@@ -86,6 +89,8 @@ pub struct TensorReport {
     pub stats: KernelStats,
     /// Elements written as NaN or infinity (only with `allow_non_finite`).
     pub non_finite: u64,
+    /// L2 norm of each model's task vector (θt − θ0), when requested and a base is used.
+    pub task_vector_norms: Vec<f64>,
 }
 
 /// What a finished merge did.
@@ -334,6 +339,9 @@ impl<'a> Engine<'a> {
             merged: true,
             ..TensorReport::default()
         };
+        if self.options.task_vector_norms && layout.has_base {
+            report.task_vector_norms = task_vector_norms(&inputs, layout)?;
+        }
         let chunks = self.chunks(t.elems());
         for batch in chunks.chunks(self.batch_chunks) {
             self.check_interrupt()?;
@@ -497,4 +505,27 @@ fn run_tiles<A: Real>(
         non_finite += A::store(dtype, r, out);
     })?;
     Ok(non_finite)
+}
+
+/// L2 norm of each model's task vector over one tensor, in f64 with fixed blocking.
+fn task_vector_norms(inputs: &TensorInputs<'_>, layout: crate::method::Layout) -> Result<Vec<f64>> {
+    let blocks = inputs.map_blocks::<f32, Vec<f64>>(
+        || vec![0.0; layout.models],
+        |sums, _, tiles| {
+            let base = tiles[layout.base()];
+            for (m, sum) in sums.iter_mut().enumerate() {
+                for (&x, &b) in tiles[layout.model(m)].iter().zip(base) {
+                    let tau = (x - b) as f64;
+                    *sum += tau * tau;
+                }
+            }
+        },
+    )?;
+    let mut totals = vec![0.0f64; layout.models];
+    for block in blocks {
+        for (t, b) in totals.iter_mut().zip(block) {
+            *t += b;
+        }
+    }
+    Ok(totals.into_iter().map(f64::sqrt).collect())
 }

@@ -611,6 +611,9 @@ fn report_lists_tensors() {
     let first = &r["per_tensor"][0];
     let kept = first["fraction_kept"].as_f64().unwrap();
     assert!(kept > 0.29 && kept <= 0.5, "{first}");
+    let norms = first["task_vector_norms"].as_array().unwrap();
+    assert_eq!(norms.len(), 3, "{first}");
+    assert!(norms.iter().all(|n| n.as_f64().unwrap() > 0.0), "{first}");
 }
 
 /// Copies a gpt2-tiny bf16 model folder, appending `extra` rows to `transformer.wte.weight`.

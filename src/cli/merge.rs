@@ -329,6 +329,7 @@ fn engine_options(args: &MergeArgs, config: &MergeConfig) -> anyhow::Result<Engi
         channel_depth: args.channel_depth,
         precision,
         allow_non_finite: args.allow_non_finite,
+        task_vector_norms: args.report.is_some(),
     })
 }
 

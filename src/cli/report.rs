@@ -201,6 +201,9 @@ pub fn write_report(
                 "name": t.name,
                 "merged": t.merged,
                 "fraction_kept": kept,
+                "task_vector_norms": t.task_vector_norms,
+                "invalid_fisher": t.stats.invalid_fisher,
+                "nonpositive_precision": t.stats.nonpositive_precision,
                 "non_finite": t.non_finite,
             })
         })
