@@ -496,7 +496,7 @@ fn run_tiles<A: Real>(
     apply: impl Fn(u64, &[&[A]], &mut [A], &mut KernelStats),
 ) -> Result<u64> {
     let mut reader = TileReader::<A>::new(inputs.views.len());
-    let mut result = vec![A::ZERO; TILE_ELEMS];
+    let mut result = [A::ZERO; TILE_ELEMS];
     let mut non_finite = 0u64;
     reader.for_each_tile(&inputs.views, range, |start, tiles| {
         let len = tiles.first().map_or(0, |t| t.len());

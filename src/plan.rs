@@ -540,7 +540,7 @@ fn shape_problem(
     ref_shape: &[u64],
 ) -> String {
     let rows_only =
-        shape.len() == ref_shape.len() && shape.len() >= 1 && shape[1..] == ref_shape[1..];
+        shape.len() == ref_shape.len() && !shape.is_empty() && shape[1..] == ref_shape[1..];
     let is_embedding = name.contains("embed") || name.contains("wte") || name.contains("lm_head");
     if rows_only && is_embedding {
         format!(

@@ -217,7 +217,10 @@ pub fn free_space(path: &Path) -> Result<u64> {
     }
     // SAFETY: statvfs returned 0, so it initialised the struct.
     let stat = unsafe { stat.assume_init() };
-    Ok((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
+    // The field types differ between platforms (u32 on some 32-bit targets).
+    #[allow(clippy::unnecessary_cast)]
+    let (blocks, block_size) = (stat.f_bavail as u64, stat.f_frsize as u64);
+    Ok(blocks.saturating_mul(block_size))
 }
 
 fn check_free_space(folder: &Path, needed_bytes: u64) -> Result<()> {

@@ -188,8 +188,10 @@ fn load_config(args: &MergeArgs) -> anyhow::Result<(MergeConfig, Option<String>)
             args.models.len()
         )));
     }
-    let mut params = MergeParams::default();
-    params.models = vec![Default::default(); args.models.len()];
+    let mut params = MergeParams {
+        models: vec![Default::default(); args.models.len()],
+        ..MergeParams::default()
+    };
     match args.weights.len() {
         0 => {}
         1 => {
@@ -381,7 +383,11 @@ pub fn run(args: &MergeArgs, quiet: bool) -> anyhow::Result<()> {
         ("README.md", card.into_bytes()),
     ];
     let bar = progress_bar(quiet, job.plan.tensors.iter().map(|t| t.size_bytes()).sum());
-    let progress = |_: usize, bytes: u64| bar.set_position(bytes);
+    let tensor_count = job.plan.tensors.len();
+    let progress = |done: usize, bytes: u64| {
+        bar.set_message(format!("{done}/{tensor_count} tensors"));
+        bar.set_position(bytes);
+    };
     let out = args.out.as_deref().map(|o| (o, args.force));
     let summary = job
         .run(out, &engine, Some(&progress), &extra)
@@ -425,8 +431,10 @@ fn progress_bar(quiet: bool, total_bytes: u64) -> ProgressBar {
     }
     let bar = ProgressBar::new(total_bytes);
     bar.set_style(
-        ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}")
-            .expect("valid template"),
+        ProgressStyle::with_template(
+            "{msg} {bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+        )
+        .expect("valid template"),
     );
     bar.enable_steady_tick(Duration::from_millis(200));
     bar

@@ -129,13 +129,13 @@ pub(super) fn model_stock(
     let width = pairs.len() + k;
     let blocks =
         inputs.map_blocks::<f32, Vec<(usize, Vec<f64>)>>(Vec::new, |acc, start, tiles| {
-            for j in 0..tiles[0].len() {
+            for (j, &base) in tiles[0].iter().enumerate() {
                 let row = ((start + j as u64) / row_elems) as usize;
                 if acc.last().map(|(r, _)| *r) != Some(row) {
                     acc.push((row, vec![0.0; width]));
                 }
                 let sums = &mut acc.last_mut().expect("pushed above").1;
-                let base = tiles[0][j] as f64;
+                let base = base as f64;
                 let tau = |m: usize| tiles[1 + m][j] as f64 - base;
                 for (p, &(a, b)) in pairs.iter().enumerate() {
                     sums[p] += tau(a) * tau(b);

@@ -161,7 +161,9 @@ impl GradMatch {
                 *h = *h + a * (s * f);
             }
         }
-        stats.nonpositive_precision += hbar.iter().filter(|&&h| !(h > A::ZERO)).count() as u64;
+        // NaN counts as non-positive: `h > 0` is false for it.
+        stats.nonpositive_precision +=
+            hbar.iter().filter(|&&h| h <= A::ZERO || h.is_nan()).count() as u64;
 
         // theta = theta_0 + sum_t alpha_t (H0 + s_t F_t) / Hbar * tau_t.
         out.fill(A::ZERO);
