@@ -220,11 +220,13 @@ impl<'a> Engine<'a> {
         let depth = options.channel_depth.unwrap_or(threads * 2).max(1);
 
         // Bytes per element in flight: every input's bytes plus the output's.
-        let layout = inputs.layout(method.kind);
-        let per_elem = plan
-            .tensors
-            .iter()
-            .map(|t| t.dtype.size_bytes() as u64 * (layout.len() as u64 + 1))
+        let per_elem = (0..plan.tensors.len())
+            .filter(|&i| plan.tensors[i].action == Action::Merge)
+            .map(|i| {
+                let views = plan.tensor_inputs(inputs, i).views;
+                let read: usize = views.iter().map(|v| v.dtype().size_bytes()).sum();
+                (read + plan.tensors[i].dtype.size_bytes()) as u64
+            })
             .max()
             .unwrap_or(8)
             .max(1);
