@@ -147,7 +147,7 @@ impl Checkpoint {
         self.sources.iter().map(|s| s.header().data_len_bytes).sum()
     }
 
-    /// True when `config.json` says the input and output embeddings are tied. Hugging
+    /// Returns true when `config.json` ties the input and output embeddings. Hugging
     /// Face's default for a config without the key is true.
     pub fn ties_embeddings(&self) -> bool {
         self.config
@@ -206,7 +206,7 @@ fn open_folder(folder: &Path, mode: IoMode) -> Result<Vec<Source>> {
     if shards.is_empty() {
         if has_bin {
             return Err(Error::Unsupported(format!(
-                "{}: holds PyTorch pickle weights (.bin/.pt) but no .safetensors; convert them to safetensors first",
+                "{}: contains PyTorch pickle weights (.bin/.pt) but no .safetensors files; convert them to safetensors first",
                 folder.display()
             )));
         }

@@ -18,7 +18,7 @@ pub enum Error {
     /// An operating-system call on `path` failed.
     #[error("{op} {path}: {source}")]
     Io {
-        /// What was being done (`"open"`, `"read"`, `"write"`, ...).
+        /// The failed operation (`"open"`, `"read"`, `"write"`, ...).
         op: &'static str,
         /// The file or folder involved.
         path: PathBuf,
@@ -34,7 +34,7 @@ pub enum Error {
         path: PathBuf,
     },
 
-    /// A folder holds no safetensors checkpoint.
+    /// A folder contains no safetensors checkpoint.
     #[error(
         "{path}: no checkpoint found (expected model.safetensors, \
          model.safetensors.index.json or *.safetensors shards)"
@@ -44,7 +44,7 @@ pub enum Error {
         path: PathBuf,
     },
 
-    /// A folder holds both a complete single file and an index.
+    /// A folder contains both a complete single file and an index.
     #[error(
         "{single} and {index} are both present, so the checkpoint is ambiguous \
          (transformers loads the single file, an index reader the shards); \
@@ -64,7 +64,7 @@ pub enum Error {
         path: PathBuf,
     },
 
-    /// A Git LFS pointer stands where the weights should be.
+    /// A Git LFS pointer file in place of the weights.
     #[error(
         "{path}: this is a Git LFS pointer ({size_bytes} bytes), not the weights; \
          run `git lfs pull` in the repository or download the file itself"
@@ -76,7 +76,7 @@ pub enum Error {
         size_bytes: u64,
     },
 
-    /// The file is shorter than its own header says.
+    /// A file shorter than its own header requires.
     #[error(
         "{path}: file is truncated: {needed_bytes} bytes expected, {actual_bytes} present; \
          download the file again"
@@ -90,12 +90,12 @@ pub enum Error {
         actual_bytes: u64,
     },
 
-    /// The header is malformed; `detail` says how.
+    /// A malformed header, described by `detail`.
     #[error("{path}: invalid safetensors header: {detail}")]
     InvalidHeader {
         /// The file.
         path: PathBuf,
-        /// What is wrong.
+        /// The problem.
         detail: String,
     },
 
@@ -106,7 +106,7 @@ pub enum Error {
         path: PathBuf,
         /// The tensor name.
         tensor: String,
-        /// What is wrong.
+        /// The problem.
         detail: String,
     },
 
@@ -129,7 +129,7 @@ pub enum Error {
     InvalidIndex {
         /// The index file.
         path: PathBuf,
-        /// What is wrong.
+        /// The problem.
         detail: String,
     },
 
@@ -176,7 +176,7 @@ pub enum Error {
     Destination {
         /// The destination folder.
         path: PathBuf,
-        /// What is wrong and what to do.
+        /// The problem and the fix.
         detail: String,
     },
 

@@ -37,12 +37,12 @@ pub struct MergeInputs {
 }
 
 impl MergeInputs {
-    /// Every input checkpoint's path.
+    /// Returns every input checkpoint's path.
     pub fn paths(&self) -> Vec<PathBuf> {
         self.all().map(|c| c.path().to_path_buf()).collect()
     }
 
-    /// Every input checkpoint.
+    /// Returns every input checkpoint.
     pub fn all(&self) -> impl Iterator<Item = &Checkpoint> {
         self.base
             .iter()
@@ -51,8 +51,8 @@ impl MergeInputs {
             .chain(&self.base_fisher)
     }
 
-    /// The model whose tensor order and side files the output follows: the base, else the
-    /// first model.
+    /// Returns the model whose tensor order and side files the output follows: the base,
+    /// else the first model.
     pub fn reference(&self) -> &Checkpoint {
         self.base.as_ref().unwrap_or_else(|| &self.models[0])
     }
@@ -62,7 +62,7 @@ impl MergeInputs {
         self.all().map(Checkpoint::data_bytes).sum()
     }
 
-    /// The kernel input layout for `kind`.
+    /// Returns the kernel input layout for `kind`.
     pub fn layout(&self, kind: MethodKind) -> Layout {
         Layout {
             has_base: self.base.is_some() && (kind.uses_base() || kind == MethodKind::Linear),
@@ -72,7 +72,7 @@ impl MergeInputs {
         }
     }
 
-    /// The checkpoints in kernel input order for `kind`.
+    /// Returns the checkpoints in kernel input order for `kind`.
     fn ordered(&self, kind: MethodKind) -> Vec<&Checkpoint> {
         let layout = self.layout(kind);
         let mut out = Vec::with_capacity(layout.len());
@@ -102,7 +102,7 @@ pub fn lookup<'a>(ckpt: &'a Checkpoint, name: &str) -> Option<TensorView<'a>> {
     found.map(|(source, info)| TensorView::new(source, info))
 }
 
-/// What the engine does for one output tensor.
+/// The engine's action for one output tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
     /// Run the method's kernel.
@@ -146,11 +146,11 @@ pub struct PlanOptions {
     pub out_dtype: Option<Dtype>,
     /// Largest data size of one output shard, in bytes.
     pub shard_size_bytes: u64,
-    /// What to do when embedding matrices have different numbers of rows.
+    /// The handling of embedding matrices with different numbers of rows.
     pub vocab_policy: VocabPolicy,
 }
 
-/// What to do when models' embedding matrices have different numbers of rows (different
+/// The handling of embedding matrices with different numbers of rows (different
 /// vocabulary sizes). Rows are never dropped or invented silently.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum VocabPolicy {
@@ -439,7 +439,7 @@ impl Plan {
             + self.index.as_ref().map_or(0, |i| i.len() as u64)
     }
 
-    /// The inputs of output tensor `i` in kernel order.
+    /// Returns the inputs of output tensor `i` in kernel order.
     ///
     /// A view with fewer rows than the output (under a vocabulary policy) reads its missing
     /// rows from the first input of its group (models, or Fishers) that has them.

@@ -19,7 +19,7 @@ use memmap2::{Advice, Mmap, UncheckedAdvice};
 use crate::error::{Error, Result};
 use crate::format::{self, Header, TensorInfo};
 
-/// How tensor bytes are read.
+/// The way tensor bytes are read.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum IoMode {
     /// Memory-map each file (the default). Views borrow the mapping, so nothing is copied.
@@ -135,8 +135,8 @@ impl Source {
             return;
         }
         // SAFETY: the mapping is a read-only shared file mapping, so MADV_DONTNEED only
-        // discards this process's page table entries; later reads fault the same file
-        // contents back in, and no slice into the mapping observes different bytes. The
+        // discards this process's page table entries. Later reads fault the same file
+        // contents back in, so no slice into the mapping observes different bytes. The
         // range lies inside the mapping because `aligned_end` is capped at its length.
         let result = unsafe {
             map.unchecked_advise_range(
@@ -177,9 +177,9 @@ fn read_prefix(mut file: &File, buf: &mut [u8]) -> std::io::Result<usize> {
 
 fn map_file(file: &File, path: &Path) -> Result<Mmap> {
     // SAFETY: the mapping is read-only. If another process truncates the file while it is
-    // mapped, reads past the new end raise SIGBUS (documented on this module and on
-    // `--io`); modifications by other processes could change the bytes we read, which is
-    // the same risk as with any reader of a file being rewritten.
+    // mapped, reads past the new end raise SIGBUS, as documented on this module and on
+    // `--io`. Another process that rewrites the file changes the bytes we read, the same
+    // risk as for any reader of a file being rewritten.
     let map = unsafe { Mmap::map(file) }
         .map_err(|e| Error::io("mmap (retry with --io read)", path, e))?;
     if let Err(e) = map.advise(Advice::Sequential) {
