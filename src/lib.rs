@@ -30,6 +30,7 @@ pub mod plan;
 pub mod sidefiles;
 pub mod source;
 pub mod suggest;
+pub mod synth;
 pub mod units;
 pub mod view;
 pub mod writer;

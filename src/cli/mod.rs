@@ -1,5 +1,6 @@
 //! Argument parsing and dispatch to the subcommands.
 
+mod bench;
 mod inspect;
 mod merge;
 mod report;
@@ -32,6 +33,8 @@ enum Command {
     Merge(Box<merge::MergeArgs>),
     /// List a checkpoint's tensors, dtypes, shapes, sizes and shards (reads headers only).
     Inspect(inspect::InspectArgs),
+    /// Generate synthetic model families and time merges of them.
+    Bench(bench::BenchArgs),
 }
 
 /// Exit code for a failed merge or read.
@@ -55,6 +58,7 @@ pub fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Merge(args) => merge::run(args, cli.quiet),
         Command::Inspect(args) => inspect::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
