@@ -24,9 +24,11 @@ use crate::error::Result;
 use crate::view::TensorInputs;
 
 /// `sum_t w_t x_t / (normalize ? sum_t w_t : 1)`; the base, when present, is an input too.
+///
+/// The weights are divided by their sum before the kernel runs, so that the average of
+/// one model returns its values exactly (`w / w` is exactly 1, `w * x * (1 / w)` is not).
 struct Linear {
     weights: Vec<f64>,
-    scale: f64,
 }
 
 impl Linear {
@@ -37,10 +39,6 @@ impl Linear {
             for (o, &v) in out.iter_mut().zip(x.iter()) {
                 *o = *o + w * v;
             }
-        }
-        let scale = A::from_f64(self.scale);
-        for o in out.iter_mut() {
-            *o = *o * scale;
         }
     }
 }
@@ -55,17 +53,17 @@ pub(super) fn linear(ctx: &Resolver<'_>, layout: Layout) -> Result<Box<dyn Tenso
         weights.push(ctx.model_or(m, "weight", 1.0));
     }
     let sum: f64 = weights.iter().sum();
-    let scale = if ctx.flag("normalize", true) {
+    if ctx.flag("normalize", true) {
         if sum == 0.0 || !sum.is_finite() {
             return Err(ctx.invalid(format!(
                 "the weights sum to {sum}, so they cannot be normalized; set normalize: false or change the weights"
             )));
         }
-        1.0 / sum
-    } else {
-        1.0
-    };
-    Ok(Box::new(Linear { weights, scale }))
+        for w in &mut weights {
+            *w /= sum;
+        }
+    }
+    Ok(Box::new(Linear { weights }))
 }
 
 /// `theta_0 + scale * sum_t w_t (theta_t - theta_0)`.
