@@ -128,8 +128,9 @@ pub fn parse_length_prefix(path: &Path, prefix: &[u8], file_len: u64) -> Result<
 ///
 /// # Errors
 /// [`Error::InvalidHeader`] for JSON that is not UTF-8, not JSON or not an object, and for a
-/// bad `__metadata__`; [`Error::InvalidTensor`] for a bad entry, an unknown dtype, a shape
-/// whose size overflows, a span that does not match the shape, a gap or an overlap;
+/// bad or repeated `__metadata__`; [`Error::InvalidTensor`] for a repeated name, a bad entry,
+/// an unknown dtype, a shape whose size overflows, a span that does not match the shape, a
+/// gap or an overlap;
 /// [`Error::Truncated`] when the spans run past the end of the file.
 pub fn parse_header(path: &Path, json: &[u8], file_len: u64) -> Result<Header> {
     let data_start = 8 + json.len() as u64;
@@ -154,6 +155,14 @@ pub fn parse_header(path: &Path, json: &[u8], file_len: u64) -> Result<Header> {
             "header is JSON but not an object of tensors",
         ));
     };
+    if let Some(name) = first_duplicate_key(text) {
+        let detail = "appears more than once in the header, so the file is ambiguous; each name must be unique";
+        return Err(if name == "__metadata__" {
+            Error::header(path, format!("`__metadata__` {detail}"))
+        } else {
+            Error::tensor(path, name, detail)
+        });
+    }
 
     // Read the entries.
     let mut metadata = Vec::new();
@@ -373,6 +382,41 @@ fn check_layout(
         ));
     }
     Ok(())
+}
+
+/// Returns the first top-level key of a JSON object that appears twice, if any.
+///
+/// `serde_json` keeps only the last value of a repeated key, which would hide the earlier
+/// entry, however malformed.
+fn first_duplicate_key(text: &str) -> Option<String> {
+    struct KeyVisitor;
+
+    impl<'de> serde::de::Visitor<'de> for KeyVisitor {
+        type Value = Option<String>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Option<String>, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(key) = map.next_key::<String>()? {
+                map.next_value::<serde::de::IgnoredAny>()?;
+                if !seen.insert(key.clone()) {
+                    return Ok(Some(key));
+                }
+            }
+            Ok(None)
+        }
+    }
+
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    serde::Deserializer::deserialize_map(&mut deserializer, KeyVisitor)
+        .ok()
+        .flatten()
 }
 
 fn is_contiguous(tensors: &[TensorInfo]) -> bool {
