@@ -257,6 +257,30 @@ fn offsets_end_before_begin() {
 }
 
 #[test]
+fn duplicate_name_in_header() {
+    // The first entry is malformed; a reader that keeps the last value would not see it.
+    let json = r#"{"a":{"dtype":"U8","shape":[1],"data_offsets_typo":[0,1]},
+                   "a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}"#;
+    check_bad_file(
+        &raw_file(json, &[7; 2]),
+        |e| matches!(e, Error::InvalidTensor { tensor, .. } if tensor == "a"),
+        &["`a`", "more than once"],
+    );
+}
+
+#[test]
+fn duplicate_metadata_in_header() {
+    let json = r#"{"__metadata__":{"format":"pt"},
+                   "a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},
+                   "__metadata__":{"format":"np"}}"#;
+    check_bad_file(
+        &raw_file(json, &[7]),
+        |e| matches!(e, Error::InvalidHeader { .. }),
+        &["`__metadata__`", "more than once"],
+    );
+}
+
+#[test]
 fn duplicate_names_across_shards() {
     let dir = TempDir::new().unwrap();
     let folder = dir.path().join("model");
