@@ -85,83 +85,153 @@ pub fn bf16_bits_to_f32(b: u16) -> f32 {
     f32::from_bits(if is_nan { bits | 0x0040_0000 } else { bits })
 }
 
-fn load_u16(bytes: &[u8], out: &mut [u16]) {
-    for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-        *o = u16::from_le_bytes([b[0], b[1]]);
+/// Views little-endian `bytes` as `T` values without copying when they are aligned, or
+/// copies them into `tile` when not. Mapped tensor data is aligned in practice, because
+/// safetensors data sections start at a multiple of 8 and tensors at multiples of their
+/// element size.
+fn as_values<'a, T: bytemuck::Pod>(bytes: &'a [u8], tile: &'a mut [T]) -> &'a [T] {
+    match bytemuck::try_cast_slice(bytes) {
+        Ok(values) => values,
+        Err(_) => {
+            let tile = &mut tile[..bytes.len() / std::mem::size_of::<T>()];
+            bytemuck::cast_slice_mut(tile).copy_from_slice(bytes);
+            tile
+        }
     }
 }
 
+/// Runs the `$portable` loop compiled for AVX2 when the CPU has it, else as built for the
+/// target's baseline (SSE2 on x86-64). Both compile the same code, and integer and IEEE
+/// operations give the same bits either way, so only the speed differs.
+macro_rules! dispatch_avx2 {
+    ($portable:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)?) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx2")]
+            unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                $portable($($arg),*)
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU supports AVX2, checked on the line above.
+                return unsafe { avx2($($arg),*) };
+            }
+        }
+        $portable($($arg),*)
+    }};
+}
+pub(crate) use dispatch_avx2;
+
 fn load_f32(dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
+    dispatch_avx2!(load_f32_portable(dtype: Dtype, bytes: &[u8], out: &mut [f32]))
+}
+
+#[inline(always)]
+fn load_f32_portable(dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
+    // Tiles of at most TILE_ELEMS, so the fallback copy fits the stack buffers. The loop
+    // bodies are plain element maps with no branches, so they vectorise.
+    let size = dtype.size_bytes();
     let n = out.len();
-    match dtype {
-        Dtype::F32 => {
-            for (o, b) in out.iter_mut().zip(bytes[..n * 4].chunks_exact(4)) {
-                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    for (out, bytes) in out
+        .chunks_mut(TILE_ELEMS)
+        .zip(bytes[..n * size].chunks(TILE_ELEMS * size))
+    {
+        match dtype {
+            Dtype::F32 => {
+                let mut tile = [0u32; TILE_ELEMS];
+                for (o, &b) in out.iter_mut().zip(as_values(bytes, &mut tile)) {
+                    *o = f32::from_bits(u32::from_le(b));
+                }
             }
-        }
-        Dtype::BF16 => {
-            for (o, b) in out.iter_mut().zip(bytes[..n * 2].chunks_exact(2)) {
-                *o = bf16_bits_to_f32(u16::from_le_bytes([b[0], b[1]]));
+            Dtype::BF16 => {
+                let mut tile = [0u16; TILE_ELEMS];
+                for (o, &b) in out.iter_mut().zip(as_values(bytes, &mut tile)) {
+                    *o = bf16_bits_to_f32(u16::from_le(b));
+                }
             }
-        }
-        Dtype::F16 => {
-            let mut bits = [0u16; TILE_ELEMS];
-            for (o, b) in out
-                .chunks_mut(TILE_ELEMS)
-                .zip(bytes[..n * 2].chunks(TILE_ELEMS * 2))
-            {
-                let bits = &mut bits[..o.len()];
-                load_u16(b, bits);
+            Dtype::F16 => {
+                let mut tile = [0u16; TILE_ELEMS];
+                let mut bits = [0u16; TILE_ELEMS];
+                let bits = &mut bits[..out.len()];
+                for (o, &b) in bits.iter_mut().zip(as_values(bytes, &mut tile)) {
+                    *o = u16::from_le(b);
+                }
                 let halves: &[f16] = bytemuck::cast_slice(bits);
-                halves.convert_to_f32_slice(o);
+                halves.convert_to_f32_slice(out);
             }
-        }
-        Dtype::F64 => {
-            for (o, b) in out.iter_mut().zip(bytes[..n * 8].chunks_exact(8)) {
-                *o = f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32;
+            Dtype::F64 => {
+                let mut tile = [0u64; TILE_ELEMS];
+                for (o, &b) in out.iter_mut().zip(as_values(bytes, &mut tile)) {
+                    *o = f64::from_bits(u64::from_le(b)) as f32;
+                }
             }
+            other => panic!("load of non-float dtype {other}"),
         }
-        other => panic!("load of non-float dtype {other}"),
     }
+}
+
+/// Appends the bytes of `values`, which the caller has already put in little-endian order
+/// with `to_le`.
+fn extend_le<T: bytemuck::Pod>(out: &mut Vec<u8>, values: &[T]) {
+    out.extend_from_slice(bytemuck::cast_slice(values));
 }
 
 fn store_f32(dtype: Dtype, values: &[f32], out: &mut Vec<u8>) -> u64 {
+    dispatch_avx2!(store_f32_portable(dtype: Dtype, values: &[f32], out: &mut Vec<u8>) -> u64)
+}
+
+#[inline(always)]
+fn store_f32_portable(dtype: Dtype, values: &[f32], out: &mut Vec<u8>) -> u64 {
+    // Each tile is encoded into a stack buffer by a branch-free loop (which vectorises) and
+    // then appended with one copy. Counts are u32 per tile, which vectorises better than
+    // u64.
     let mut non_finite = 0u64;
-    match dtype {
-        Dtype::F32 => {
-            for &v in values {
-                non_finite += (!v.is_finite()) as u64;
-                out.extend_from_slice(&v.to_le_bytes());
-            }
-        }
-        Dtype::BF16 => {
-            let start = out.len();
-            out.resize(start + values.len() * 2, 0);
-            for (o, &v) in out[start..].chunks_exact_mut(2).zip(values) {
-                let b = f32_to_bf16_bits(v);
-                non_finite += ((b & 0x7F80) == 0x7F80) as u64;
-                o.copy_from_slice(&b.to_le_bytes());
-            }
-        }
-        Dtype::F16 => {
-            let mut halves = [f16::ZERO; TILE_ELEMS];
-            for chunk in values.chunks(TILE_ELEMS) {
-                let h = &mut halves[..chunk.len()];
-                h.convert_from_f32_slice(chunk);
-                for x in h.iter() {
-                    let b = x.to_bits();
-                    non_finite += ((b & 0x7C00) == 0x7C00) as u64;
-                    out.extend_from_slice(&b.to_le_bytes());
+    for values in values.chunks(TILE_ELEMS) {
+        let mut tile_non_finite = 0u32;
+        match dtype {
+            Dtype::F32 => {
+                let mut bits = [0u32; TILE_ELEMS];
+                let bits = &mut bits[..values.len()];
+                for (o, &v) in bits.iter_mut().zip(values) {
+                    tile_non_finite += (!v.is_finite()) as u32;
+                    *o = v.to_bits().to_le();
                 }
+                extend_le(out, bits);
             }
-        }
-        Dtype::F64 => {
-            for &v in values {
-                non_finite += (!v.is_finite()) as u64;
-                out.extend_from_slice(&(v as f64).to_le_bytes());
+            Dtype::BF16 => {
+                let mut bits = [0u16; TILE_ELEMS];
+                let bits = &mut bits[..values.len()];
+                for (o, &v) in bits.iter_mut().zip(values) {
+                    let b = f32_to_bf16_bits(v);
+                    tile_non_finite += ((b & 0x7F80) == 0x7F80) as u32;
+                    *o = b.to_le();
+                }
+                extend_le(out, bits);
             }
+            Dtype::F16 => {
+                let mut halves = [f16::ZERO; TILE_ELEMS];
+                let halves = &mut halves[..values.len()];
+                halves.convert_from_f32_slice(values);
+                let mut bits = [0u16; TILE_ELEMS];
+                let bits = &mut bits[..values.len()];
+                for (o, h) in bits.iter_mut().zip(halves.iter()) {
+                    let b = h.to_bits();
+                    tile_non_finite += ((b & 0x7C00) == 0x7C00) as u32;
+                    *o = b.to_le();
+                }
+                extend_le(out, bits);
+            }
+            Dtype::F64 => {
+                let mut bits = [0u64; TILE_ELEMS];
+                let bits = &mut bits[..values.len()];
+                for (o, &v) in bits.iter_mut().zip(values) {
+                    tile_non_finite += (!v.is_finite()) as u32;
+                    *o = (v as f64).to_bits().to_le();
+                }
+                extend_le(out, bits);
+            }
+            other => panic!("store of non-float dtype {other}"),
         }
-        other => panic!("store of non-float dtype {other}"),
+        non_finite += u64::from(tile_non_finite);
     }
     non_finite
 }

@@ -265,7 +265,26 @@ macro_rules! impl_kernel {
                 out: &mut [f32],
                 stats: &mut $crate::method::KernelStats,
             ) {
-                self.apply::<f32>(start, inputs, out, stats)
+                // The f32 kernels are compiled twice, and the AVX2 copy runs where the CPU
+                // has it (see `convert::dispatch_avx2`); f64 is the slow path anyway.
+                #[inline(always)]
+                fn portable(
+                    kernel: &$t,
+                    start: u64,
+                    inputs: &[&[f32]],
+                    out: &mut [f32],
+                    stats: &mut $crate::method::KernelStats,
+                ) {
+                    kernel.apply::<f32>(start, inputs, out, stats)
+                }
+                let kernel = self;
+                $crate::convert::dispatch_avx2!(portable(
+                    kernel: &$t,
+                    start: u64,
+                    inputs: &[&[f32]],
+                    out: &mut [f32],
+                    stats: &mut $crate::method::KernelStats
+                ))
             }
             fn apply_f64(
                 &self,

@@ -15,8 +15,12 @@
 //! weights can cause.
 
 use super::{impl_kernel, FisherNormalize, KernelStats, Layout, Resolver, TensorKernel};
-use crate::convert::Real;
+use crate::convert::{Real, TILE_ELEMS};
 use crate::error::Result;
+
+/// Inputs a kernel call handles without allocating: a base, four models with Fishers
+/// and a base Fisher.
+const MAX_INLINE_INPUTS: usize = 10;
 
 /// Default `epsilon` of Fisher averaging.
 pub const DEFAULT_FISHER_EPSILON: f64 = 1e-8;
@@ -135,14 +139,35 @@ struct GradMatch {
 }
 
 impl GradMatch {
+    #[inline(always)]
     fn apply<A: Real>(&self, _start: u64, inputs: &[&[A]], out: &mut [A], stats: &mut KernelStats) {
+        // Stack scratch of one tile: no allocation per call. Longer calls run tile by tile,
+        // which gives the same values because the kernel is elementwise.
+        let mut offset = 0;
+        while offset < out.len() {
+            let end = (offset + TILE_ELEMS).min(out.len());
+            let tiles: [&[A]; MAX_INLINE_INPUTS] =
+                std::array::from_fn(|i| inputs.get(i).map_or(&[][..], |x| &x[offset..end]));
+            if inputs.len() <= MAX_INLINE_INPUTS {
+                self.apply_tile(&tiles[..inputs.len()], &mut out[offset..end], stats);
+            } else {
+                let tiles: Vec<&[A]> = inputs.iter().map(|x| &x[offset..end]).collect();
+                self.apply_tile(&tiles, &mut out[offset..end], stats);
+            }
+            offset = end;
+        }
+    }
+
+    #[inline(always)]
+    fn apply_tile<A: Real>(&self, inputs: &[&[A]], out: &mut [A], stats: &mut KernelStats) {
         let n = out.len();
         let l = self.layout;
         let base = inputs[l.base()];
         let delta = A::from_f64(self.delta);
 
         // H0 = s0 * F0 + delta.
-        let mut h0 = vec![delta; n];
+        let mut h0 = [delta; TILE_ELEMS];
+        let h0 = &mut h0[..n];
         if l.has_base_fisher {
             let s0 = A::from_f64(self.base_scale);
             for (h, &f) in h0.iter_mut().zip(inputs[l.base_fisher()]) {
@@ -152,25 +177,29 @@ impl GradMatch {
         }
 
         // Hbar = H0 + sum_t alpha_t s_t F_t.
-        let mut hbar = h0.clone();
+        let mut hbar = [delta; TILE_ELEMS];
+        let hbar = &mut hbar[..n];
+        hbar.copy_from_slice(h0);
         for m in 0..l.models {
             let a = A::from_f64(self.alphas[m]);
             let s = A::from_f64(self.scales[m]);
+            let mut invalid = 0u32;
             for (h, &f) in hbar.iter_mut().zip(inputs[l.fisher(m)]) {
-                stats.invalid_fisher += invalid_fisher(f) as u64;
+                invalid += invalid_fisher(f) as u32;
                 *h = *h + a * (s * f);
             }
+            stats.invalid_fisher += u64::from(invalid);
         }
-        // NaN counts as non-positive: `h > 0` is false for it.
-        stats.nonpositive_precision +=
-            hbar.iter().filter(|&&h| h <= A::ZERO || h.is_nan()).count() as u64;
+        let nonpositive: u32 = hbar.iter().map(|&h| !(h > A::ZERO) as u32).sum();
+        stats.nonpositive_precision += u64::from(nonpositive);
 
         // theta = theta_0 + sum_t alpha_t (H0 + s_t F_t) / Hbar * tau_t.
         out.fill(A::ZERO);
         for m in 0..l.models {
             let a = A::from_f64(self.alphas[m]);
             let s = A::from_f64(self.scales[m]);
-            let (theta, fisher) = (inputs[l.model(m)], inputs[l.fisher(m)]);
+            let (theta, fisher) = (&inputs[l.model(m)][..n], &inputs[l.fisher(m)][..n]);
+            let base = &base[..n];
             for j in 0..n {
                 let weight = a * (h0[j] + s * fisher[j]) / hbar[j];
                 out[j] = out[j] + weight * (theta[j] - base[j]);
