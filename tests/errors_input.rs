@@ -264,7 +264,17 @@ fn duplicate_name_in_header() {
     check_bad_file(
         &raw_file(json, &[7; 2]),
         |e| matches!(e, Error::InvalidTensor { tensor, .. } if tensor == "a"),
-        &["`a`", "more than once"],
+        &["`a`", "tensor name", "more than once"],
+    );
+}
+
+#[test]
+fn duplicate_field_in_header_entry() {
+    let json = r#"{"a":{"dtype":"U8","shape":[1],"shape":[2],"data_offsets":[0,2]}}"#;
+    check_bad_file(
+        &raw_file(json, &[7; 2]),
+        |e| matches!(e, Error::InvalidTensor { tensor, .. } if tensor == "a"),
+        &["`a`", "key `shape`", "more than once"],
     );
 }
 

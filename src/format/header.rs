@@ -128,10 +128,10 @@ pub fn parse_length_prefix(path: &Path, prefix: &[u8], file_len: u64) -> Result<
 ///
 /// # Errors
 /// [`Error::InvalidHeader`] for JSON that is not UTF-8, not JSON or not an object, and for a
-/// bad or repeated `__metadata__`; [`Error::InvalidTensor`] for a repeated name, a bad entry,
-/// an unknown dtype, a shape whose size overflows, a span that does not match the shape, a
-/// gap or an overlap;
-/// [`Error::Truncated`] when the spans run past the end of the file.
+/// bad or repeated `__metadata__`; [`Error::InvalidTensor`] for a repeated name or field, a
+/// bad entry, an unknown dtype, a shape whose size overflows, a span that does not match the
+/// shape, a gap or an overlap; [`Error::Truncated`] when the spans run past the end of the
+/// file.
 pub fn parse_header(path: &Path, json: &[u8], file_len: u64) -> Result<Header> {
     let data_start = 8 + json.len() as u64;
     let data_len_bytes = file_len.checked_sub(data_start).ok_or(Error::Truncated {
@@ -155,13 +155,8 @@ pub fn parse_header(path: &Path, json: &[u8], file_len: u64) -> Result<Header> {
             "header is JSON but not an object of tensors",
         ));
     };
-    if let Some(name) = first_duplicate_key(text) {
-        let detail = "appears more than once in the header, so the file is ambiguous; each name must be unique";
-        return Err(if name == "__metadata__" {
-            Error::header(path, format!("`__metadata__` {detail}"))
-        } else {
-            Error::tensor(path, name, detail)
-        });
+    if let Some(keys) = find_repeated_key(text) {
+        return Err(repeated_key_error(path, &keys));
     }
 
     // Read the entries.
@@ -384,39 +379,109 @@ fn check_layout(
     Ok(())
 }
 
-/// Returns the first top-level key of a JSON object that appears twice, if any.
+/// Returns the path of keys to the first key that appears twice in one JSON object of
+/// `text`, at any depth: `["a"]` for a repeated tensor name, `["a", "shape"]` for a
+/// repeated field of tensor `a`.
 ///
 /// `serde_json` keeps only the last value of a repeated key, which would hide the earlier
 /// entry, however malformed.
-fn first_duplicate_key(text: &str) -> Option<String> {
-    struct KeyVisitor;
+fn find_repeated_key(text: &str) -> Option<Vec<String>> {
+    use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-    impl<'de> serde::de::Visitor<'de> for KeyVisitor {
-        type Value = Option<String>;
+    struct RepeatedKey;
+
+    impl<'de> DeserializeSeed<'de> for RepeatedKey {
+        type Value = Option<Vec<String>>;
+
+        fn deserialize<D: serde::Deserializer<'de>>(
+            self,
+            deserializer: D,
+        ) -> Result<Self::Value, D::Error> {
+            deserializer.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for RepeatedKey {
+        type Value = Option<Vec<String>>;
 
         fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a JSON object")
+            f.write_str("any JSON value")
         }
 
-        fn visit_map<A: serde::de::MapAccess<'de>>(
-            self,
-            mut map: A,
-        ) -> Result<Option<String>, A::Error> {
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
             let mut seen = std::collections::HashSet::new();
+            let mut found = None;
+            // The whole object is consumed even after a find, so the parser stays valid.
             while let Some(key) = map.next_key::<String>()? {
-                map.next_value::<serde::de::IgnoredAny>()?;
-                if !seen.insert(key.clone()) {
-                    return Ok(Some(key));
+                if found.is_some() {
+                    map.next_value::<IgnoredAny>()?;
+                } else if let Some(mut path) = map.next_value_seed(RepeatedKey)? {
+                    path.insert(0, key);
+                    found = Some(path);
+                } else if !seen.insert(key.clone()) {
+                    found = Some(vec![key]);
                 }
             }
+            Ok(found)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut found = None;
+            while let Some(inner) = seq.next_element_seed(RepeatedKey)? {
+                found = found.or(inner);
+            }
+            Ok(found)
+        }
+
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
             Ok(None)
         }
     }
 
     let mut deserializer = serde_json::Deserializer::from_str(text);
-    serde::Deserializer::deserialize_map(&mut deserializer, KeyVisitor)
-        .ok()
-        .flatten()
+    RepeatedKey.deserialize(&mut deserializer).ok().flatten()
+}
+
+/// Builds the error for a key that appears twice, given its path from
+/// [`find_repeated_key`].
+fn repeated_key_error(path: &Path, keys: &[String]) -> Error {
+    let ambiguous = "appears more than once, so the header is ambiguous; each key must be unique";
+    match keys {
+        [name] if name == "__metadata__" => {
+            Error::header(path, format!("`__metadata__` {ambiguous}"))
+        }
+        [name] => Error::tensor(path, name, format!("the tensor name {ambiguous}")),
+        [outer, inner @ ..] if outer == "__metadata__" => Error::header(
+            path,
+            format!("`__metadata__` key `{}` {ambiguous}", inner.join(".")),
+        ),
+        [outer, inner @ ..] => Error::tensor(
+            path,
+            outer,
+            format!("key `{}` {ambiguous}", inner.join(".")),
+        ),
+        [] => Error::header(path, format!("a key {ambiguous}")),
+    }
 }
 
 fn is_contiguous(tensors: &[TensorInfo]) -> bool {
