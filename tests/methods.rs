@@ -226,11 +226,11 @@ fn ties_keeps_lowest_index_among_equal_magnitudes() {
     let out = merge.run(&case.out_dir("ties-one"), &engine(Precision::F64, Some(7)));
     let base = base_values(&case, TIED_VALUES);
     let merged = out.get(TIED_VALUES);
-    let kept: Vec<usize> = (0..tau.len()).filter(|&j| merged[j] != base[j]).collect();
+    let changed: Vec<usize> = (0..tau.len()).filter(|&j| merged[j] != base[j]).collect();
     let mask = r::top_k_mask(tau, 0.5);
     let nonzero_kept = (0..tau.len()).filter(|&j| mask[j] && tau[j] != 0.0).count();
-    assert_eq!(kept.len(), nonzero_kept, "elements changed by the merge");
-    for j in kept {
+    assert_eq!(changed.len(), nonzero_kept, "elements changed by the merge");
+    for j in changed {
         assert!(
             mask[j],
             "element {j} (|tau| = {}) changed but is not in the top k",
@@ -1009,6 +1009,37 @@ fn linear_one_model_returns_it_exactly() {
     }
 }
 
+#[test]
+fn empty_tensors_merge_for_every_method() {
+    let shapes: [(&str, &[u64]); 3] = [
+        ("layers.0.empty", &[0]),
+        ("layers.0.no_columns", &[4, 0]),
+        ("layers.0.bias", &[5]),
+    ];
+    let case = Case::with_shapes(29, 2, Dtype::F32, Profile::General, &shapes);
+    for method in MethodKind::ALL {
+        let mut merge = case.config(method);
+        if method.model_parameters().contains(&"density") {
+            merge = merge.models("density", &[0.5, 0.5]);
+        }
+        if method == MethodKind::Slerp {
+            merge = merge.first_models(1).global("t", 0.5);
+        }
+        let out = merge.run(
+            &case.out_dir(method.name()),
+            &engine(Precision::F32, Some(7)),
+        );
+        for (name, shape) in shapes {
+            let tensor = out
+                .tensors
+                .iter()
+                .find(|t| t.name == name)
+                .unwrap_or_else(|| panic!("{method}: output has no tensor `{name}`"));
+            assert_eq!(tensor.shape, shape, "{method}: shape of `{name}`");
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Determinism across engine settings.
 
@@ -1339,7 +1370,7 @@ fn read_test_set(domain: &str) -> TestSet {
     }
 }
 
-/// Number of correct predictions of `W2 relu(W1 relu(W0 x + b0) + b1) + b2` (weights as
+/// Counts the correct predictions of `W2 relu(W1 relu(W0 x + b0) + b1) + b2` (weights as
 /// `nn.Linear` stores them, `[out, in]`), computed in f32 like the PyTorch evaluation.
 fn correct_predictions(model: &Checkpoint, set: &TestSet) -> usize {
     let layers: Vec<(Vec<f32>, Vec<f32>)> = (0..3)
@@ -1425,6 +1456,17 @@ fn mlp_accuracies_match_results() {
             ("ubgm", Some(a)) => mlp_merge(MethodKind::GradMatch, "f32", a, true),
             ("ubgm_no_base_fisher", Some(a)) => mlp_merge(MethodKind::GradMatch, "f32", a, false),
             ("average", None) => mlp_merge(MethodKind::Linear, "f32", 1.0, false),
+            ("fisher_average", None) => {
+                // This entry averages the stored (mean) Fishers, without s_t.
+                let mut config = mlp_merge(MethodKind::Fisher, "f32", 1.0, false);
+                for model in &mut config.params.models {
+                    model.insert(
+                        "fisher_scale".to_string(),
+                        gradmerge::params::ParamValue::Scalar(1.0),
+                    );
+                }
+                config
+            }
             _ => continue,
         };
         let merged = run_mlp(config, None, Precision::F64);
@@ -1432,10 +1474,7 @@ fn mlp_accuracies_match_results() {
         assert_accuracies(&merged, &entry["accuracy"], &sets, &label);
         checked += 1;
     }
-    assert!(
-        checked >= 14,
-        "only {checked} merges of results.json were checked"
-    );
+    assert_eq!(checked, 16, "merges of results.json checked");
 }
 
 #[test]
