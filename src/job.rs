@@ -7,6 +7,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::{MergeConfig, TokenizerSource};
 use crate::error::{Error, Result};
 use crate::method::{FisherNormalize, Method, MethodKind};
+use crate::params::{layer_index, LayerPosition};
 use crate::pipeline::{self, EngineOptions, Output, Progress, Summary};
 use crate::plan::{lookup, Action, MergeInputs, Plan, PlanOptions};
 use crate::source::IoMode;
@@ -101,6 +102,7 @@ impl MergeJob {
             .map(fisher_examples)
             .transpose()?
             .unwrap_or(1.0);
+        validate_parameters(&plan, &inputs, &method)?;
         Ok(MergeJob {
             config,
             inputs,
@@ -233,4 +235,32 @@ fn fisher_examples(ckpt: &Checkpoint) -> Result<f64> {
             ))),
         },
     }
+}
+
+/// Resolves and range-checks every parameter for every merged tensor without reading data,
+/// so that a dry run reports a bad density or weight as the real merge would.
+///
+/// Each tensor is prepared over zero elements: the reductions then read nothing, and only
+/// the checks that need data (such as gradmatch's precision) are left for the merge.
+fn validate_parameters(plan: &Plan, inputs: &MergeInputs, method: &Method) -> Result<()> {
+    let layout = inputs.layout(method.kind);
+    let num_layers = plan
+        .tensors
+        .iter()
+        .filter_map(|t| layer_index(&t.name))
+        .max()
+        .map_or(0, |m| m + 1);
+    for (i, t) in plan.tensors.iter().enumerate() {
+        if t.action != Action::Merge {
+            continue;
+        }
+        let mut empty = plan.tensor_inputs(inputs, i);
+        empty.elems = 0;
+        let position = LayerPosition {
+            layer: layer_index(&t.name),
+            num_layers,
+        };
+        method.prepare(layout, &empty, position)?;
+    }
+    Ok(())
 }

@@ -93,6 +93,7 @@ impl OutputDir {
             fs::remove_dir_all(&temp).map_err(|e| Error::io("remove", &temp, e))?;
         }
         fs::create_dir(&temp).map_err(|e| Error::io("create folder", &temp, e))?;
+        crate::interrupt::set_cleanup(Some(temp.clone()));
         Ok(OutputDir {
             destination,
             temp,
@@ -141,6 +142,7 @@ impl OutputDir {
 
 impl Drop for OutputDir {
     fn drop(&mut self) {
+        crate::interrupt::set_cleanup(None);
         if !self.committed {
             if let Err(e) = fs::remove_dir_all(&self.temp) {
                 if e.kind() != std::io::ErrorKind::NotFound {

@@ -749,3 +749,30 @@ fn vocab_mismatch_needs_policy() {
         std::fs::read(plain.join("model.safetensors")).unwrap()
     );
 }
+
+#[test]
+fn dry_run_checks_parameters() {
+    let o = gradmerge(&[
+        "merge",
+        "examples/dare_linear.yml",
+        "--dry-run",
+        "-p",
+        "density=2",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("density of model 1 = 2 is outside (0, 1]"),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = gradmerge(&[
+        "merge",
+        "examples/gradmatch.yml",
+        "--dry-run",
+        "-p",
+        "delta=0",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("delta = 0"), "{}", stderr(&o));
+}

@@ -52,7 +52,7 @@ pub fn main() -> ExitCode {
         }
     };
     init_logging(cli.verbose, cli.quiet);
-    if let Err(e) = ctrlc::set_handler(gradmerge::interrupt::request) {
+    if let Err(e) = ctrlc::set_handler(gradmerge::interrupt::on_signal) {
         log::warn!("cannot install the Ctrl-C handler: {e}");
     }
     let result = match &cli.command {
@@ -69,10 +69,19 @@ pub fn main() -> ExitCode {
             let code = exit_code(&e);
             let mut stderr = std::io::stderr().lock();
             let _ = writeln!(stderr, "error: {e}");
+            // Library errors already show their source, so print only causes not yet shown.
+            let mut shown = e.to_string();
             let mut source = e.source();
             while let Some(cause) = source {
-                let _ = writeln!(stderr, "  caused by: {cause}");
+                let text = cause.to_string();
+                if !shown.contains(&text) {
+                    let _ = writeln!(stderr, "  caused by: {text}");
+                    shown.push_str(&text);
+                }
                 source = cause.source();
+            }
+            if let Some(hint) = hint(&e) {
+                let _ = writeln!(stderr, "  hint: {hint}");
             }
             ExitCode::from(code)
         }
@@ -83,6 +92,17 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     match e.downcast_ref::<Error>() {
         Some(Error::InvalidParameter(_)) => EXIT_USAGE,
         _ => EXIT_FAILURE,
+    }
+}
+
+/// Returns advice for failures whose fix the error itself does not name.
+fn hint(e: &anyhow::Error) -> Option<&'static str> {
+    let io = e.chain().find_map(|c| c.downcast_ref::<std::io::Error>())?;
+    match io.raw_os_error() {
+        Some(libc::ENOSPC) => Some("the disk is full: free space or write the output to another disk"),
+        Some(libc::EFBIG) => Some("a file size limit was reached (ulimit -f or the filesystem's maximum file size): raise the limit or use a smaller --shard-size"),
+        Some(libc::EDQUOT) => Some("the disk quota is exhausted: free space or write the output elsewhere"),
+        _ => None,
     }
 }
 
