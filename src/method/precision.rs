@@ -190,8 +190,11 @@ impl GradMatch {
             }
             stats.invalid_fisher += u64::from(invalid);
         }
-        let nonpositive: u32 = hbar.iter().map(|&h| !(h > A::ZERO) as u32).sum();
-        stats.nonpositive_precision += u64::from(nonpositive);
+        // NaN counts as non-positive.
+        stats.nonpositive_precision += hbar
+            .iter()
+            .filter(|&&h| h.partial_cmp(&A::ZERO) != Some(std::cmp::Ordering::Greater))
+            .count() as u64;
 
         // theta = theta_0 + sum_t alpha_t (H0 + s_t F_t) / Hbar * tau_t.
         out.fill(A::ZERO);
