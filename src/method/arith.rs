@@ -123,22 +123,100 @@ pub(super) fn task_arithmetic(ctx: &Resolver<'_>, layout: Layout) -> Result<Box<
 #[derive(Clone, Copy, Debug)]
 enum Mask {
     /// Keep the elements in `keep` and outside `drop`.
-    Magnitude { keep: TopSet, drop: TopSet },
+    Magnitude { keep: Band, drop: Band },
     /// Keep each element with probability `density`, by the counter-based generator.
     Random { key: u64, density: f64 },
 }
 
-impl Mask {
+/// A [`TopSet`] as two numbers, so that membership is a branch-free comparison:
+/// `key > threshold || (key == threshold && index <= last_tie_index)`.
+#[derive(Clone, Copy, Debug)]
+struct Band {
+    threshold: u32,
+    last_tie_index: u64,
+}
+
+impl Band {
+    fn new(set: TopSet) -> Band {
+        match set {
+            // Keys never exceed 0x7FFF_FFFF, so nothing is above or equal to u32::MAX.
+            TopSet::Empty => Band {
+                threshold: u32::MAX,
+                last_tie_index: 0,
+            },
+            TopSet::All => Band {
+                threshold: 0,
+                last_tie_index: u64::MAX,
+            },
+            TopSet::Threshold {
+                key,
+                last_tie_index,
+            } => Band {
+                threshold: key,
+                last_tie_index,
+            },
+        }
+    }
+
     #[inline(always)]
+    fn contains(&self, key: u32, index: u64) -> bool {
+        (key > self.threshold) | ((key == self.threshold) & (index <= self.last_tie_index))
+    }
+
+    /// Returns how many leading elements of the tile `[start, start + len)` may be in the
+    /// set when their key equals the threshold: element `j` of the tile is a kept tie
+    /// exactly when `j < ties_below(start, len)`.
+    fn ties_below(&self, start: u64, len: usize) -> u32 {
+        let limit = self.last_tie_index.saturating_add(1).saturating_sub(start);
+        limit.min(len as u64) as u32
+    }
+}
+
+impl Mask {
     fn keeps(&self, tau: f32, index: u64) -> bool {
         match *self {
             Mask::Magnitude { keep, drop } => {
                 let key = magnitude_key(tau);
-                keep.contains(key, index) && !drop.contains(key, index)
+                keep.contains(key, index) & !drop.contains(key, index)
             }
             Mask::Random { key, density } => rng::uniform(key, index) < density,
         }
     }
+}
+
+/// Writes `w * tau` where the mask keeps an element and 0 elsewhere, and returns the
+/// number kept. The mask is decided on the f32 task vector in both precisions.
+#[inline(always)]
+fn sparsify<A: Real>(mask: Mask, w: A, x: &[A], base: &[A], start: u64, out: &mut [A]) -> u64 {
+    let mut kept = 0u64;
+    match mask {
+        Mask::Magnitude { keep, drop } => {
+            // Tie limits relative to this tile, so the loop compares 32-bit indices.
+            let (keep_ties, drop_ties) = (
+                keep.ties_below(start, out.len()),
+                drop.ties_below(start, out.len()),
+            );
+            let mut count = 0u32;
+            for (j, ((o, &x), &b)) in out.iter_mut().zip(x).zip(base).enumerate() {
+                let key = magnitude_key(x.to_f32() - b.to_f32());
+                let j = j as u32;
+                let in_keep = (key > keep.threshold) | ((key == keep.threshold) & (j < keep_ties));
+                let in_drop = (key > drop.threshold) | ((key == drop.threshold) & (j < drop_ties));
+                let k = in_keep & !in_drop;
+                count += k as u32;
+                *o = if k { w * (x - b) } else { A::ZERO };
+            }
+            kept = count as u64;
+        }
+        Mask::Random { key, density } => {
+            for (j, ((o, &x), &b)) in out.iter_mut().zip(x).zip(base).enumerate() {
+                let k = rng::uniform(key, start + j as u64) < density;
+                kept += k as u64;
+                *o = if k { w * (x - b) } else { A::ZERO };
+            }
+        }
+    }
+    kept
 }
 
 /// The shared kernel of TIES, DARE and breadcrumbs.
@@ -157,55 +235,67 @@ impl Sparse {
         let n = out.len();
         let models = self.weights.len();
 
-        // Sparsified, weighted task vectors: w_t * tau~_t.
-        let mut weighted = vec![A::ZERO; n * models];
+        // Sparsified, weighted task vectors w_t * tau~_t, one row per model, then the
+        // per-element sums, agreeing sums and agreeing weights. Every loop runs over
+        // elements with the models outside, so it vectorises.
+        let mut scratch = vec![A::ZERO; n * (models + 3)];
+        let (weighted, rest) = scratch.split_at_mut(n * models);
+        let (sum, rest) = rest.split_at_mut(n);
+        let (agreed, divisor) = rest.split_at_mut(n);
         for m in 0..models {
             let w = A::from_f64(self.weights[m] * self.rescales[m]);
-            let mask = self.masks[m];
             let row = &mut weighted[m * n..(m + 1) * n];
-            for (j, ((r, &x), &b)) in row.iter_mut().zip(inputs[1 + m]).zip(base).enumerate() {
-                let tau = x - b;
-                let keep = mask.keeps(x.to_f32() - b.to_f32(), start + j as u64);
-                stats.kept += keep as u64;
-                *r = if keep { w * tau } else { A::ZERO };
-            }
+            stats.kept += sparsify(self.masks[m], w, inputs[1 + m], base, start, row);
         }
         stats.considered += (n * models) as u64;
+        for row in weighted.chunks_exact(n) {
+            for (s, &v) in sum.iter_mut().zip(row) {
+                *s = *s + v;
+            }
+        }
 
         let lambda = A::from_f64(self.lambda);
-        for j in 0..n {
-            let mut sum = A::ZERO;
-            for m in 0..models {
-                sum = sum + weighted[m * n + j];
+        if self.sign_election {
+            // A model agrees when its weighted value is non-zero with the elected sign
+            // (sign of the sum, zero counted as positive).
+            for (row, &w) in weighted.chunks_exact(n).zip(&self.weights) {
+                let w = A::from_f64(w);
+                for (((a, d), &v), &s) in agreed
+                    .iter_mut()
+                    .zip(divisor.iter_mut())
+                    .zip(row)
+                    .zip(sum.iter())
+                {
+                    let positive = s >= A::ZERO;
+                    let agrees = (positive & (v > A::ZERO)) | (!positive & (v < A::ZERO));
+                    *a = *a + if agrees { v } else { A::ZERO };
+                    *d = *d + if agrees { w } else { A::ZERO };
+                }
             }
-            let merged = if self.sign_election {
-                let positive = sum >= A::ZERO;
-                let mut agreed = A::ZERO;
-                let mut divisor = A::ZERO;
-                for m in 0..models {
-                    let v = weighted[m * n + j];
-                    let agrees = if positive { v > A::ZERO } else { v < A::ZERO };
-                    if agrees {
-                        agreed = agreed + v;
-                        divisor = divisor + A::from_f64(self.weights[m]);
-                    }
-                }
-                if self.normalize {
-                    if divisor == A::ZERO {
-                        agreed
-                    } else {
-                        agreed / divisor
-                    }
+            for (((o, &b), &a), &d) in out
+                .iter_mut()
+                .zip(base)
+                .zip(agreed.iter())
+                .zip(divisor.iter())
+            {
+                let merged = if self.normalize && d != A::ZERO {
+                    a / d
                 } else {
-                    agreed
-                }
-            } else if self.normalize {
-                let total: f64 = self.weights.iter().sum();
-                sum / A::from_f64(if total == 0.0 { 1.0 } else { total })
+                    a
+                };
+                *o = b + lambda * merged;
+            }
+        } else {
+            let total: f64 = self.weights.iter().sum();
+            let divisor = A::from_f64(if self.normalize && total != 0.0 {
+                total
             } else {
-                sum
-            };
-            out[j] = base[j] + lambda * merged;
+                1.0
+            });
+            for ((o, &b), &s) in out.iter_mut().zip(base).zip(sum.iter()) {
+                let merged = if self.normalize { s / divisor } else { s };
+                *o = b + lambda * merged;
+            }
         }
     }
 }
@@ -236,8 +326,11 @@ pub(super) fn sparse(
         )?);
     }
 
-    let key_of = |tiles: &[&[f32]], source: usize, j: usize| {
-        magnitude_key(tiles[layout.model(source)][j] - tiles[layout.base()][j])
+    let key_of = |tiles: &[&[f32]], source: usize, keys: &mut [u32]| {
+        let (x, b) = (tiles[layout.model(source)], tiles[layout.base()]);
+        for ((k, &x), &b) in keys.iter_mut().zip(x).zip(b) {
+            *k = magnitude_key(x - b);
+        }
     };
     let masks: Vec<Mask> = match kind {
         MethodKind::Ties => {
@@ -252,8 +345,8 @@ pub(super) fn sparse(
             select_top(inputs, &jobs, key_of)?
                 .into_iter()
                 .map(|keep| Mask::Magnitude {
-                    keep,
-                    drop: TopSet::Empty,
+                    keep: Band::new(keep),
+                    drop: Band::new(TopSet::Empty),
                 })
                 .collect()
         }
@@ -280,8 +373,8 @@ pub(super) fn sparse(
             let sets = select_top(inputs, &jobs, key_of)?;
             sets.chunks(2)
                 .map(|p| Mask::Magnitude {
-                    keep: p[0],
-                    drop: p[1],
+                    keep: Band::new(p[0]),
+                    drop: Band::new(p[1]),
                 })
                 .collect()
         }

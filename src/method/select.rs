@@ -7,6 +7,7 @@
 //! pass 1  histogram of key >> 16        -> bucket h holding the k-th largest key
 //! pass 2  histogram of key & 0xFFFF among keys in bucket h -> threshold key T
 //! pass 3  count keys equal to T per fixed block -> index of the last tied element kept
+//!         (skipped when every key equal to T is kept)
 //! keep(i) = key(i) > T  or  (key(i) == T  and  i <= last_tie_index)
 //! ```
 //!
@@ -14,6 +15,7 @@
 //! Memory is two 65,536-entry histograms per job; the passes read the mapped inputs.
 //! All counts are integers, so the result does not depend on threads or chunk size.
 
+use crate::convert::TILE_ELEMS;
 use crate::error::Result;
 use crate::view::{TensorInputs, REDUCE_BLOCK_ELEMS};
 
@@ -68,12 +70,12 @@ const BUCKETS: usize = 1 << 16;
 
 /// Runs every job over `inputs` with three passes over the data in all.
 ///
-/// `key_of(tiles, source, j)` returns the key of element `j` of the current tile for the
-/// key stream `source`.
+/// `keys_of(tiles, source, keys)` writes the key of every element of the current tile for
+/// the key stream `source` into `keys`, which is as long as the tile.
 pub fn select_top(
     inputs: &TensorInputs<'_>,
     jobs: &[SelectJob],
-    key_of: impl Fn(&[&[f32]], usize, usize) -> u32 + Sync + Send,
+    keys_of: impl Fn(&[&[f32]], usize, &mut [u32]) + Sync + Send,
 ) -> Result<Vec<TopSet>> {
     let n = inputs.elems;
     let mut results: Vec<Option<TopSet>> = jobs
@@ -98,10 +100,12 @@ pub fn select_top(
     let high = inputs.fold_blocks::<f32, Vec<Vec<u64>>>(
         || vec![vec![0u64; BUCKETS]; open.len()],
         |hists, _, tiles| {
-            let len = tiles.first().map_or(0, |t| t.len());
+            let mut buf = [0u32; TILE_ELEMS];
+            let keys = &mut buf[..tiles.first().map_or(0, |t| t.len())];
             for (h, (_, job)) in hists.iter_mut().zip(&open) {
-                for j in 0..len {
-                    h[(key_of(tiles, job.source, j) >> 16) as usize] += 1;
+                keys_of(tiles, job.source, keys);
+                for &key in keys.iter() {
+                    h[(key >> 16) as usize] += 1;
                 }
             }
         },
@@ -117,10 +121,11 @@ pub fn select_top(
     let low = inputs.fold_blocks::<f32, Vec<Vec<u64>>>(
         || vec![vec![0u64; BUCKETS]; open.len()],
         |hists, _, tiles| {
-            let len = tiles.first().map_or(0, |t| t.len());
+            let mut buf = [0u32; TILE_ELEMS];
+            let keys = &mut buf[..tiles.first().map_or(0, |t| t.len())];
             for ((h, (_, job)), &(bucket, _)) in hists.iter_mut().zip(&open).zip(&high_picks) {
-                for j in 0..len {
-                    let key = key_of(tiles, job.source, j);
+                keys_of(tiles, job.source, keys);
+                for &key in keys.iter() {
                     if key >> 16 == bucket {
                         h[(key & 0xFFFF) as usize] += 1;
                     }
@@ -129,34 +134,59 @@ pub fn select_top(
         },
         add_histograms,
     )?;
-    let thresholds: Vec<(u32, u64)> = open
+    // (threshold key, ties needed, ties present) per open job.
+    let thresholds: Vec<(u32, u64, u64)> = open
         .iter()
         .zip(&low)
         .zip(&high_picks)
         .map(|(((_, job), h), &(bucket, above))| {
             let (low_bucket, above_low) = pick_bucket(h, job.k - above);
             let ties_needed = job.k - above - above_low;
-            ((bucket << 16) | low_bucket, ties_needed)
+            (
+                (bucket << 16) | low_bucket,
+                ties_needed,
+                h[low_bucket as usize],
+            )
         })
         .collect();
 
+    // When every element at the threshold is kept (the usual case for continuous values),
+    // no tie needs breaking and the third pass is skipped.
+    let mut tie_jobs = Vec::new();
+    for (slot, ((i, _), &(key, needed, present))) in open.iter().zip(&thresholds).enumerate() {
+        if needed == present {
+            results[*i] = Some(TopSet::Threshold {
+                key,
+                last_tie_index: u64::MAX,
+            });
+        } else {
+            tie_jobs.push(slot);
+        }
+    }
+    if tie_jobs.is_empty() {
+        return Ok(results.into_iter().map(Option::unwrap).collect());
+    }
+
     // Pass 3: per-block counts of keys equal to the threshold, to find the last tie kept.
     let counts = inputs.map_blocks::<f32, Vec<u64>>(
-        || vec![0u64; open.len()],
+        || vec![0u64; tie_jobs.len()],
         |c, _, tiles| {
-            let len = tiles.first().map_or(0, |t| t.len());
-            for ((count, (_, job)), &(key, _)) in c.iter_mut().zip(&open).zip(&thresholds) {
-                for j in 0..len {
-                    *count += (key_of(tiles, job.source, j) == key) as u64;
-                }
+            let mut buf = [0u32; TILE_ELEMS];
+            let keys = &mut buf[..tiles.first().map_or(0, |t| t.len())];
+            for (count, &slot) in c.iter_mut().zip(&tie_jobs) {
+                let (source, key) = (open[slot].1.source, thresholds[slot].0);
+                keys_of(tiles, source, keys);
+                *count += keys.iter().filter(|&&k| k == key).count() as u64;
             }
         },
     )?;
-    for (slot, ((i, job), &(key, needed))) in open.iter().zip(&thresholds).enumerate() {
+    for (column, &slot) in tie_jobs.iter().enumerate() {
+        let (i, job) = &open[slot];
+        let (key, needed, _) = thresholds[slot];
         let mut seen = 0u64;
         let mut block = 0usize;
-        while seen + counts[block][slot] < needed {
-            seen += counts[block][slot];
+        while seen + counts[block][column] < needed {
+            seen += counts[block][column];
             block += 1;
         }
         let last = last_tie_in_block(
@@ -165,7 +195,7 @@ pub fn select_top(
             job.source,
             key,
             needed - seen,
-            &key_of,
+            &keys_of,
         )?;
         results[*i] = Some(TopSet::Threshold {
             key,
@@ -204,7 +234,7 @@ fn last_tie_in_block(
     source: usize,
     key: u32,
     nth: u64,
-    key_of: &(impl Fn(&[&[f32]], usize, usize) -> u32 + Sync),
+    keys_of: &(impl Fn(&[&[f32]], usize, &mut [u32]) + Sync),
 ) -> Result<u64> {
     let start = block * REDUCE_BLOCK_ELEMS;
     let range = start..(start + REDUCE_BLOCK_ELEMS).min(inputs.elems);
@@ -215,8 +245,11 @@ fn last_tie_in_block(
         if found.is_some() {
             return;
         }
-        for j in 0..tiles[0].len() {
-            if key_of(tiles, source, j) == key {
+        let mut buf = [0u32; TILE_ELEMS];
+        let keys = &mut buf[..tiles[0].len()];
+        keys_of(tiles, source, keys);
+        for (j, &k) in keys.iter().enumerate() {
+            if k == key {
                 seen += 1;
                 if seen == nth {
                     found = Some(tile_start + j as u64);
