@@ -332,8 +332,10 @@ fn show(v: &Value) -> String {
 
 fn yaml_error(origin: &Path, e: &serde_norway::Error) -> Error {
     let message = e.to_string();
+    // serde_norway's message usually ends with the position already.
     let line = e
         .location()
+        .filter(|_| !message.contains(" at line "))
         .map(|l| format!(" (line {})", l.line()))
         .unwrap_or_default();
     let mut hint = String::new();
@@ -405,6 +407,16 @@ pub fn parse_value(value: &Value) -> std::result::Result<ParamValue, String> {
         Value::Sequence(items) if items.is_empty() => Err("an empty list has no value".into()),
         Value::Sequence(items) if items.iter().all(|v| matches!(v, Value::Number(_))) => {
             Ok(ParamValue::Gradient(items.iter().filter_map(|v| v.as_f64()).collect()))
+        }
+        Value::Sequence(items) if items.iter().any(|v| matches!(v, Value::Number(_))) => {
+            let bad = items
+                .iter()
+                .find(|v| !matches!(v, Value::Number(_)))
+                .expect("not every item is a number");
+            Err(format!(
+                "a gradient must list numbers only, found {}",
+                show(bad)
+            ))
         }
         Value::Sequence(items) => {
             let mut entries = Vec::with_capacity(items.len());

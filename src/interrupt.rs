@@ -29,7 +29,11 @@ pub fn is_requested() -> bool {
 /// registered temporary folder and exits with [`FORCED_EXIT_CODE`].
 pub fn on_signal() {
     if !INTERRUPTED.swap(true, Ordering::SeqCst) {
-        eprintln!("interrupted: stopping and removing the partial output (press Ctrl-C again to exit now)");
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "interrupted: stopping and removing the partial output (press Ctrl-C again to exit now)"
+        );
         return;
     }
     if let Some(path) = CLEANUP.lock().ok().and_then(|mut p| p.take()) {

@@ -111,9 +111,13 @@ impl MergeJob {
         })
     }
 
-    /// Every input path, for the destination check.
+    /// Returns every input path, the tokenizer source included, for the destination check.
     pub fn input_paths(&self) -> Vec<PathBuf> {
-        self.inputs.paths()
+        let mut paths = self.inputs.paths();
+        if let TokenizerSource::Path(p) = &self.config.tokenizer_source {
+            paths.push(p.clone());
+        }
+        paths
     }
 
     /// Runs the merge into `out` (or into nothing, with `out = None`), then writes the side
@@ -176,7 +180,7 @@ impl MergeJob {
             && self.plan.tensors.iter().any(|t| t.name == "lm_head.weight")
             && reference.get("lm_head.weight").is_none();
         let from_folder = reference.path().is_dir();
-        crate::sidefiles::copy_side_files(
+        let copied = crate::sidefiles::copy_side_files(
             config_from.filter(|_| from_folder),
             tokenizer.as_deref().filter(|_| {
                 from_folder || matches!(self.config.tokenizer_source, TokenizerSource::Path(_))
@@ -186,6 +190,17 @@ impl MergeJob {
             untie,
             self.plan.vocab_size,
         )?;
+        if let TokenizerSource::Path(p) = &self.config.tokenizer_source {
+            if !copied
+                .iter()
+                .any(|f| f.starts_with("tokenizer") || f == "vocab.json" || f == "vocab.txt")
+            {
+                log::warn!(
+                    "tokenizer source {} contains no tokenizer files; none were copied",
+                    p.display()
+                );
+            }
+        }
         Ok(())
     }
 

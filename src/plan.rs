@@ -367,7 +367,14 @@ impl Plan {
                 dtypes_seen.insert(dtype);
                 if let Some(widest) = dtypes.iter().max_by_key(|d| d.size_bytes()) {
                     if widest.size_bytes() > dtype.size_bytes() {
-                        notes.push(format!("`{name}` is narrowed from {widest} to {dtype}"));
+                        let reason = if options.out_dtype.is_some() {
+                            "as requested by the output dtype"
+                        } else {
+                            "the inputs' common dtype"
+                        };
+                        notes.push(format!(
+                            "`{name}` is narrowed from {widest} to {dtype} ({reason})"
+                        ));
                     }
                 }
             }
@@ -410,10 +417,19 @@ impl Plan {
 
         if !problems.is_empty() {
             problems.dedup();
+            let count = match problems.len() {
+                1 => "1 problem".to_string(),
+                n => format!("{n} problems"),
+            };
             return Err(Error::Mismatch(format!(
-                "the inputs do not match ({} problems):\n  {}",
-                problems.len(),
+                "the inputs do not match ({count}):\n  {}",
                 problems.join("\n  ")
+            )));
+        }
+        if tensors.is_empty() {
+            return Err(Error::Mismatch(format!(
+                "{} contains no tensors, so there is nothing to merge",
+                reference.path().display()
             )));
         }
 

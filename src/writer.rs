@@ -54,6 +54,12 @@ impl OutputDir {
         needed_bytes: u64,
     ) -> Result<OutputDir> {
         let destination = absolute(destination)?;
+        if destination.file_name().is_none() || destination.ends_with("..") {
+            return Err(Error::Destination {
+                path: destination,
+                detail: "does not name a folder (it ends in `..` or is the root); give the output folder's name".into(),
+            });
+        }
         check_not_input(&destination, inputs)?;
         if destination.exists() {
             let empty = destination.is_dir()
@@ -133,8 +139,14 @@ impl OutputDir {
         if let Some(parent) = self.destination.parent() {
             sync_dir(parent)?;
         }
+        // The merge is in place now, so failing to delete the old folder is only a warning.
         if let Some(trash) = old {
-            fs::remove_dir_all(&trash).map_err(|e| Error::io("remove", &trash, e))?;
+            if let Err(e) = fs::remove_dir_all(&trash) {
+                log::warn!(
+                    "the replaced output was moved to {} but could not be removed ({e}); remove it yourself",
+                    trash.display()
+                );
+            }
         }
         Ok(self.destination.clone())
     }

@@ -776,3 +776,149 @@ fn dry_run_checks_parameters() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("delta = 0"), "{}", stderr(&o));
 }
+
+#[test]
+fn threads_flag_is_bounded() {
+    let o = gradmerge(&[
+        "merge",
+        "examples/task_arithmetic.yml",
+        "--dry-run",
+        "--threads",
+        "100000",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--threads 100000"), "{}", stderr(&o));
+    let o = gradmerge(&[
+        "merge",
+        "examples/task_arithmetic.yml",
+        "--dry-run",
+        "--threads",
+        "0",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}
+
+#[test]
+fn tokenizer_source_is_protected() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = dir.path().join("tok");
+    std::fs::create_dir(&tok).unwrap();
+    std::fs::copy(
+        data("gpt2-tiny/bf16/c/tokenizer.json"),
+        tok.join("tokenizer.json"),
+    )
+    .unwrap();
+    std::fs::write(tok.join("model.safetensors"), b"keep me").unwrap();
+    let o = gradmerge(&[
+        "merge",
+        "--method",
+        "linear",
+        "--model",
+        data("gpt2-tiny/bf16/code").to_str().unwrap(),
+        "--tokenizer-source",
+        tok.to_str().unwrap(),
+        "--out",
+        tok.to_str().unwrap(),
+        "--force",
+        "-q",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("write the output somewhere else"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        std::fs::read(tok.join("model.safetensors")).unwrap(),
+        b"keep me"
+    );
+
+    let o = gradmerge(&[
+        "merge",
+        "--method",
+        "linear",
+        "--model",
+        data("gpt2-tiny/bf16/code").to_str().unwrap(),
+        "--tokenizer-source",
+        "/nonexistent/tok",
+        "--dry-run",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}
+
+#[test]
+fn closed_stderr_keeps_success() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gradmerge"))
+        .args([
+            "merge",
+            "examples/task_arithmetic.yml",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the reading end before the summary is written.
+    drop(child.stderr.take());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(out.join("model.safetensors").is_file());
+}
+
+#[test]
+fn empty_checkpoint_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.safetensors");
+    let (bytes, _) = encode_header(&[], &[("format".into(), "pt".into())]);
+    std::fs::write(&empty, bytes).unwrap();
+    let o = gradmerge(&[
+        "merge",
+        "--method",
+        "linear",
+        "--model",
+        empty.to_str().unwrap(),
+        "--dry-run",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("contains no tensors"), "{}", stderr(&o));
+}
+
+#[test]
+fn report_folder_checked_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let o = gradmerge(&[
+        "merge",
+        "examples/task_arithmetic.yml",
+        "--out",
+        out.to_str().unwrap(),
+        "--report",
+        "/nonexistent/dir/report.json",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(!out.exists());
+}
+
+#[test]
+fn parent_folder_output_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let o = gradmerge(&[
+        "merge",
+        "examples/task_arithmetic.yml",
+        "--out",
+        sub.join("..").to_str().unwrap(),
+        "--force",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("does not name a folder"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(sub.is_dir());
+}

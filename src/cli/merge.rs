@@ -1,5 +1,6 @@
 //! `gradmerge merge`: from a YAML file or flags to an output folder.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -93,9 +94,9 @@ pub struct MergeArgs {
     #[arg(long, value_enum, default_value_t = IoArg::Mmap)]
     io: IoArg,
 
-    /// Worker threads (default: one per core).
-    #[arg(long, short = 'j', value_name = "N", default_value_t = 0)]
-    threads: usize,
+    /// Worker threads, at most 1024 (default: one per core).
+    #[arg(long, short = 'j', value_name = "N")]
+    threads: Option<usize>,
 
     /// Memory budget for chunks in flight and mapped input pages (K/M/G suffixes).
     #[arg(long, value_name = "SIZE")]
@@ -164,7 +165,16 @@ fn load_config(args: &MergeArgs) -> anyhow::Result<(MergeConfig, Option<String>)
                 path.display()
             )));
         }
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io("read", path, e))?;
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(usage(format!(
+                    "configuration file {} not found",
+                    path.display()
+                )))
+            }
+            Err(e) => return Err(Error::io("read", path, e).into()),
+        };
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let mut config = config::parse_yaml(&text, path, &dir)?;
         apply_overrides(args, &mut config)?;
@@ -306,8 +316,19 @@ fn apply_overrides(args: &MergeArgs, config: &mut MergeConfig) -> anyhow::Result
     if let Some(p) = &args.tokenizer_source {
         config.tokenizer_source = TokenizerSource::Path(p.clone());
     }
+    if let TokenizerSource::Path(p) = &config.tokenizer_source {
+        if !p.is_dir() {
+            return Err(usage(format!(
+                "tokenizer source {} is not a folder; pass the model folder whose tokenizer files should be copied",
+                p.display()
+            )));
+        }
+    }
     Ok(())
 }
+
+/// Largest accepted `--threads`: more threads than this only add memory and start-up time.
+const MAX_THREADS: usize = 1024;
 
 fn engine_options(args: &MergeArgs, config: &MergeConfig) -> anyhow::Result<EngineOptions> {
     let budget_bytes = match &args.budget {
@@ -324,8 +345,19 @@ fn engine_options(args: &MergeArgs, config: &MergeConfig) -> anyhow::Result<Engi
         (PrecisionArg::F64, _) | (_, Some(Dtype::F64)) => Precision::F64,
         _ => Precision::F32,
     };
+    let threads = match args.threads {
+        None => 0,
+        Some(0) => return Err(usage("--threads must be at least 1".into())),
+        Some(n) if n > MAX_THREADS => {
+            return Err(usage(format!(
+                "--threads {n} is more than the limit of {MAX_THREADS}; this machine has {} cores",
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            )))
+        }
+        Some(n) => n,
+    };
     Ok(EngineOptions {
-        threads: args.threads,
+        threads,
         budget_bytes,
         chunk_elems: args.chunk_elems,
         channel_depth: args.channel_depth,
@@ -346,6 +378,19 @@ pub fn run(args: &MergeArgs, quiet: bool) -> anyhow::Result<()> {
         IoArg::Read => IoMode::Read,
     };
     let engine = engine_options(args, &config)?;
+    if let Some(report) = &args.report {
+        let parent = report
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if !parent.is_dir() {
+            return Err(usage(format!(
+                "--report {}: the folder {} does not exist",
+                report.display(),
+                parent.display()
+            )));
+        }
+    }
     log::info!(
         "reading inputs with {}",
         if io == IoMode::Mmap {
@@ -403,7 +448,10 @@ pub fn run(args: &MergeArgs, quiet: bool) -> anyhow::Result<()> {
     let peak = report::peak_memory();
     if !quiet {
         let secs = summary.elapsed.as_secs_f64().max(1e-9);
-        eprintln!(
+        let mut stderr = std::io::stderr().lock();
+        // A closed stderr (a pipe into `head`) must not fail a merge that succeeded.
+        let _ = writeln!(
+            stderr,
             "merged {} tensors: read {}, wrote {} in {:.2} s ({:.2} GB/s read), peak memory {}{}",
             summary.tensors,
             format_size(summary.bytes_read),
@@ -419,7 +467,8 @@ pub fn run(args: &MergeArgs, quiet: bool) -> anyhow::Result<()> {
         );
     }
     if let Some(path) = &args.report {
-        report::write_report(path, &job, &summary, peak)?;
+        report::write_report(path, &job, &summary, peak)
+            .with_context(|| "the merge succeeded, but writing the report failed".to_string())?;
     }
     Ok(())
 }

@@ -97,6 +97,11 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 
 /// Returns advice for failures whose fix the error itself does not name.
 fn hint(e: &anyhow::Error) -> Option<&'static str> {
+    if let Some(Error::NotFound { path }) = e.downcast_ref::<Error>() {
+        if path.is_relative() {
+            return Some("relative model paths are resolved against the current directory, as in mergekit; run from the folder the paths start in, or use absolute paths");
+        }
+    }
     let io = e.chain().find_map(|c| c.downcast_ref::<std::io::Error>())?;
     match io.raw_os_error() {
         Some(libc::ENOSPC) => Some("the disk is full: free space or write the output to another disk"),

@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use gradmerge::job::MergeJob;
+use gradmerge::method::MethodKind;
 use gradmerge::params::ParamValue;
 use gradmerge::pipeline::{EngineOptions, Summary};
 use gradmerge::plan::Action;
@@ -61,7 +62,17 @@ pub fn print_plan(
         writeln!(s, "base: {}", b.display())?;
     }
     for (k, v) in &c.params.global {
-        writeln!(s, "parameter {k}: {}", describe(v))?;
+        let flag = matches!(k.as_str(), "normalize" | "filter_wise");
+        match v {
+            ParamValue::Scalar(x) if flag => writeln!(s, "parameter {k}: {}", *x != 0.0)?,
+            _ => writeln!(s, "parameter {k}: {}", describe(v))?,
+        }
+    }
+    if matches!(c.method, MethodKind::DareLinear | MethodKind::DareTies) {
+        writeln!(s, "parameter rescale: {:?}", c.rescale)?;
+    }
+    if c.fisher_normalize != gradmerge::method::FisherNormalize::None {
+        writeln!(s, "parameter fisher_normalize: {:?}", c.fisher_normalize)?;
     }
     let layout = job.inputs.layout(c.method);
     // Effective weights after normalisation, for methods that normalise scalar weights.
