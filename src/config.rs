@@ -18,7 +18,7 @@ use crate::method::{FisherNormalize, MethodKind, Rescale};
 use crate::params::{MergeParams, ParamMap, ParamValue};
 use crate::suggest::nearest;
 
-/// Where the tokenizer and other side files come from.
+/// The source of the tokenizer and other side files.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TokenizerSource {
     /// The base model (the default), else the first model.
@@ -63,7 +63,7 @@ pub struct MergeConfig {
 }
 
 impl MergeConfig {
-    /// The output dtype of merged tensors, if the configuration fixes one.
+    /// Returns the output dtype of merged tensors, if the configuration fixes one.
     pub fn output_dtype(&self) -> Option<Dtype> {
         self.out_dtype.or(self.dtype)
     }
@@ -222,7 +222,7 @@ pub fn parse_yaml(text: &str, origin: &Path, base_dir: &Path) -> Result<MergeCon
             .collect();
     }
 
-    // The base may also be listed among the models; its entry then holds its parameters.
+    // The base may also be listed among the models; its entry then contains its parameters.
     let base_model = raw_base_model.as_deref().map(resolve);
     let mut params = MergeParams {
         global: parse_params(&raw_parameters, method, true, "parameters", origin)?,
@@ -304,8 +304,8 @@ pub fn parse_yaml(text: &str, origin: &Path, base_dir: &Path) -> Result<MergeCon
     })
 }
 
-/// Resolves a model path as mergekit does, against the working directory; a relative path
-/// that does not exist there but does beside the configuration file is taken from there.
+/// Resolves a model path against the working directory, as mergekit does. A relative path
+/// that exists only beside the configuration file is taken from there.
 fn resolve_path(p: &str, config_dir: &Path) -> PathBuf {
     let path = Path::new(p);
     let beside_config = config_dir.join(path);

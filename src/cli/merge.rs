@@ -88,9 +88,9 @@ pub struct MergeArgs {
     #[arg(long, value_name = "SIZE", default_value = "5G")]
     shard_size: String,
 
-    /// How inputs are read. mmap is fastest; read uses positioned reads, for network
-    /// filesystems and inputs that may change while merging (a mapped file truncated by
-    /// another process kills gradmerge with SIGBUS).
+    /// Input access: mmap (the fastest) or read (positioned reads, for network filesystems
+    /// and inputs that may change while merging). A mapped file that another process
+    /// truncates kills gradmerge with SIGBUS.
     #[arg(long, value_enum, default_value_t = IoArg::Mmap)]
     io: IoArg,
 
@@ -118,9 +118,9 @@ pub struct MergeArgs {
     #[arg(long)]
     allow_non_finite: bool,
 
-    /// What to do when embeddings have different numbers of rows (vocabulary sizes):
-    /// error (the default), base (keep the base model's rows) or fill (keep the most rows,
-    /// taking each model's missing rows from a model that has them).
+    /// Handling of embeddings with different numbers of rows (vocabulary sizes): error
+    /// (the default), base (keep the base model's rows) or fill (keep the most rows, and
+    /// take each model's missing rows from a model that has them).
     #[arg(long, value_enum, default_value_t = VocabArg::Error)]
     vocab_policy: VocabArg,
 

@@ -54,9 +54,18 @@ pub fn print_plan(
     engine: &EngineOptions,
     out: Option<&Path>,
 ) -> anyhow::Result<()> {
-    let plan = &job.plan;
-    let c = &job.config;
     let mut s = String::new();
+    write_method(&mut s, job)?;
+    write_models(&mut s, job)?;
+    write_totals(&mut s, job, engine, out)?;
+    let mut stdout = std::io::stdout().lock();
+    std::io::Write::write_all(&mut stdout, s.as_bytes())?;
+    Ok(())
+}
+
+/// Appends the method, the base and the global parameters.
+fn write_method(s: &mut String, job: &MergeJob) -> std::fmt::Result {
+    let c = &job.config;
     writeln!(s, "method: {}", c.method)?;
     if let Some(b) = &c.base_model {
         writeln!(s, "base: {}", b.display())?;
@@ -74,7 +83,12 @@ pub fn print_plan(
     if c.fisher_normalize != gradmerge::method::FisherNormalize::None {
         writeln!(s, "parameter fisher_normalize: {:?}", c.fisher_normalize)?;
     }
-    let layout = job.inputs.layout(c.method);
+    Ok(())
+}
+
+/// Appends one line per model with its Fisher, weight (normalised) and parameters.
+fn write_models(s: &mut String, job: &MergeJob) -> std::fmt::Result {
+    let c = &job.config;
     // Effective weights after normalisation, for methods that normalise scalar weights.
     let weights: Vec<f64> = (0..c.models.len())
         .map(|m| {
@@ -126,6 +140,18 @@ pub fn print_plan(
         }
         writeln!(s, "{line}")?;
     }
+    Ok(())
+}
+
+/// Appends the tensor counts, output size, memory budget, disk space and notes.
+fn write_totals(
+    s: &mut String,
+    job: &MergeJob,
+    engine: &EngineOptions,
+    out: Option<&Path>,
+) -> std::fmt::Result {
+    let plan = &job.plan;
+    let layout = job.inputs.layout(job.config.method);
     let merged = plan
         .tensors
         .iter()
@@ -190,7 +216,6 @@ pub fn print_plan(
     for note in &plan.notes {
         writeln!(s, "note: {note}")?;
     }
-    print!("{s}");
     Ok(())
 }
 
