@@ -85,17 +85,20 @@ pub fn bf16_bits_to_f32(b: u16) -> f32 {
     f32::from_bits(if is_nan { bits | 0x0040_0000 } else { bits })
 }
 
-/// Views little-endian `bytes` as `T` values without copying when they are aligned, or
-/// copies them into `tile` when not. Mapped tensor data is aligned in practice, because
-/// safetensors data sections start at a multiple of 8 and tensors at multiples of their
-/// element size.
-fn as_values<'a, T: bytemuck::Pod>(bytes: &'a [u8], tile: &'a mut [T]) -> &'a [T] {
+/// Calls `f` with little-endian `bytes` viewed as `T` values: without copying when they
+/// are aligned, else from a copy on the stack (at most [`TILE_ELEMS`] values). Mapped
+/// tensor data is aligned in practice, because safetensors data sections start at a
+/// multiple of 8 and tensors at multiples of their element size, so the aligned path does
+/// not even zero a buffer.
+#[inline(always)]
+fn with_values<T: bytemuck::Pod, R>(bytes: &[u8], f: impl FnOnce(&[T]) -> R) -> R {
     match bytemuck::try_cast_slice(bytes) {
-        Ok(values) => values,
+        Ok(values) => f(values),
         Err(_) => {
+            let mut tile = [T::zeroed(); TILE_ELEMS];
             let tile = &mut tile[..bytes.len() / std::mem::size_of::<T>()];
             bytemuck::cast_slice_mut(tile).copy_from_slice(bytes);
-            tile
+            f(tile)
         }
     }
 }
@@ -136,34 +139,35 @@ fn load_f32_portable(dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
         .zip(bytes[..n * size].chunks(TILE_ELEMS * size))
     {
         match dtype {
-            Dtype::F32 => {
-                let mut tile = [0u32; TILE_ELEMS];
-                for (o, &b) in out.iter_mut().zip(as_values(bytes, &mut tile)) {
+            Dtype::F32 => with_values::<u32, _>(bytes, |values| {
+                for (o, &b) in out.iter_mut().zip(values) {
                     *o = f32::from_bits(u32::from_le(b));
                 }
-            }
-            Dtype::BF16 => {
-                let mut tile = [0u16; TILE_ELEMS];
-                for (o, &b) in out.iter_mut().zip(as_values(bytes, &mut tile)) {
+            }),
+            Dtype::BF16 => with_values::<u16, _>(bytes, |values| {
+                for (o, &b) in out.iter_mut().zip(values) {
                     *o = bf16_bits_to_f32(u16::from_le(b));
                 }
-            }
-            Dtype::F16 => {
-                let mut tile = [0u16; TILE_ELEMS];
-                let mut bits = [0u16; TILE_ELEMS];
-                let bits = &mut bits[..out.len()];
-                for (o, &b) in bits.iter_mut().zip(as_values(bytes, &mut tile)) {
-                    *o = u16::from_le(b);
+            }),
+            Dtype::F16 => with_values::<u16, _>(bytes, |values| {
+                if cfg!(target_endian = "little") {
+                    let halves: &[f16] = bytemuck::cast_slice(values);
+                    halves.convert_to_f32_slice(out);
+                } else {
+                    let mut bits = [0u16; TILE_ELEMS];
+                    let bits = &mut bits[..out.len()];
+                    for (o, &b) in bits.iter_mut().zip(values) {
+                        *o = u16::from_le(b);
+                    }
+                    let halves: &[f16] = bytemuck::cast_slice(bits);
+                    halves.convert_to_f32_slice(out);
                 }
-                let halves: &[f16] = bytemuck::cast_slice(bits);
-                halves.convert_to_f32_slice(out);
-            }
-            Dtype::F64 => {
-                let mut tile = [0u64; TILE_ELEMS];
-                for (o, &b) in out.iter_mut().zip(as_values(bytes, &mut tile)) {
+            }),
+            Dtype::F64 => with_values::<u64, _>(bytes, |values| {
+                for (o, &b) in out.iter_mut().zip(values) {
                     *o = f64::from_bits(u64::from_le(b)) as f32;
                 }
-            }
+            }),
             other => panic!("load of non-float dtype {other}"),
         }
     }
