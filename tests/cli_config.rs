@@ -610,14 +610,15 @@ fn report_lists_tensors() {
     assert!(r["peak_rss_bytes"].as_u64().unwrap() > 0);
     let first = &r["per_tensor"][0];
     let kept = first["fraction_kept"].as_f64().unwrap();
-    assert!(kept > 0.29 && kept <= 0.5, "{first}");
+    assert!(kept > 0.29, "{first}");
+    assert!(kept <= 0.5, "{first}");
     let norms = first["task_vector_norms"].as_array().unwrap();
     assert_eq!(norms.len(), 3, "{first}");
     assert!(norms.iter().all(|n| n.as_f64().unwrap() > 0.0), "{first}");
 }
 
 /// Copies a gpt2-tiny bf16 model folder, appending `extra` rows to `transformer.wte.weight`.
-/// Row `r` of the new rows holds the bf16 value `r + 1` in every column.
+/// Row `r` of the new rows contains the bf16 value `r + 1` in every column.
 fn gpt2_with_extra_rows(model: &str, extra: u64, dst: &Path) {
     let src = data(&format!("gpt2-tiny/bf16/{model}"));
     std::fs::create_dir_all(dst).unwrap();

@@ -65,7 +65,7 @@ impl MethodKind {
         MethodKind::GradMatch,
     ];
 
-    /// The configuration name (`task_arithmetic`).
+    /// Returns the configuration name (`task_arithmetic`).
     pub fn name(self) -> &'static str {
         match self {
             MethodKind::Linear => "linear",
@@ -153,7 +153,7 @@ impl FromStr for MethodKind {
     }
 }
 
-/// How DARE rescales the kept values.
+/// The rescaling rule DARE applies to the kept values.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Rescale {
     /// Scale so the tensor's L1 norm is unchanged (mergekit's rule, the default).
@@ -175,7 +175,7 @@ pub enum FisherNormalize {
     L2,
 }
 
-/// Where each input sits in a kernel's input list.
+/// The position of each input in a kernel's input list.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Layout {
     /// True when input 0 is the base model.
