@@ -15,6 +15,12 @@ use crate::source::Source;
 /// whatever the chunk size and thread count.
 pub const REDUCE_BLOCK_ELEMS: u64 = 1 << 16;
 
+/// Blocks read by one task of a reduction pass before their pages are released: 4 Mi
+/// elements. Releasing (`MADV_DONTNEED`) interrupts the other cores to flush their TLBs,
+/// so releasing every block cost 15% of a TIES merge. The grouping does not change how
+/// sums are blocked.
+const RELEASE_GROUP_BLOCKS: u64 = 64;
+
 /// One input tensor: a validated header entry and the file it lives in, optionally
 /// followed by the rows of another tensor.
 ///
@@ -135,6 +141,19 @@ impl<A: Real> TileReader<A> {
         &mut self,
         views: &[TensorView<'_>],
         range: Range<u64>,
+        f: impl FnMut(u64, &[&[A]]),
+    ) -> Result<()> {
+        self.read_tiles(views, range.clone(), f)?;
+        release_all(views, &range);
+        Ok(())
+    }
+
+    /// Like [`for_each_tile`](Self::for_each_tile), but leaves the pages resident; the
+    /// caller releases them, for example once per group of blocks.
+    pub fn read_tiles(
+        &mut self,
+        views: &[TensorView<'_>],
+        range: Range<u64>,
         mut f: impl FnMut(u64, &[&[A]]),
     ) -> Result<()> {
         let raw: Vec<Cow<'_, [u8]>> = views
@@ -157,11 +176,14 @@ impl<A: Real> TileReader<A> {
             f(range.start + offset as u64, &refs);
             offset += len;
         }
-        drop(raw);
-        for v in views {
-            v.release(&range);
-        }
         Ok(())
+    }
+}
+
+/// Releases the pages of elements `range` of every view (see [`Source::release`]).
+pub fn release_all(views: &[TensorView<'_>], range: &Range<u64>) {
+    for v in views {
+        v.release(range);
     }
 }
 
@@ -185,21 +207,27 @@ impl<'a> TensorInputs<'a> {
         init: impl Fn() -> R + Sync,
         f: impl Fn(&mut R, u64, &[&[A]]) + Sync,
     ) -> Result<Vec<R>> {
-        (0..self.block_count())
+        let groups: Vec<Vec<R>> = (0..self.group_count())
             .into_par_iter()
             .map_init(
                 || TileReader::<A>::new(self.views.len()),
-                |reader, block| {
-                    let mut state = init();
-                    reader.for_each_tile(
-                        &self.views,
-                        self.block_range(block),
-                        |start, tiles| f(&mut state, start, tiles),
-                    )?;
-                    Ok(state)
+                |reader, group| {
+                    let mut states = Vec::with_capacity(RELEASE_GROUP_BLOCKS as usize);
+                    for block in self.group_blocks(group) {
+                        let mut state = init();
+                        reader.read_tiles(
+                            &self.views,
+                            self.block_range(block),
+                            |start, tiles| f(&mut state, start, tiles),
+                        )?;
+                        states.push(state);
+                    }
+                    release_all(&self.views, &self.group_range(group));
+                    Ok(states)
                 },
             )
-            .collect()
+            .collect::<Result<_>>()?;
+        Ok(groups.into_iter().flatten().collect())
     }
 
     /// Like [`map_blocks`](Self::map_blocks) for states that combine in any order (integer
@@ -210,17 +238,20 @@ impl<'a> TensorInputs<'a> {
         f: impl Fn(&mut R, u64, &[&[A]]) + Sync + Send,
         merge: impl Fn(R, R) -> R + Sync + Send,
     ) -> Result<R> {
-        (0..self.block_count())
+        (0..self.group_count())
             .into_par_iter()
             .fold(
                 || (TileReader::<A>::new(self.views.len()), Ok(init())),
-                |(mut reader, acc), block| {
+                |(mut reader, acc), group| {
                     let acc = acc.and_then(|mut state| {
-                        reader.for_each_tile(
-                            &self.views,
-                            self.block_range(block),
-                            |start, tiles| f(&mut state, start, tiles),
-                        )?;
+                        for block in self.group_blocks(group) {
+                            reader.read_tiles(
+                                &self.views,
+                                self.block_range(block),
+                                |start, tiles| f(&mut state, start, tiles),
+                            )?;
+                        }
+                        release_all(&self.views, &self.group_range(group));
                         Ok(state)
                     });
                     (reader, acc)
@@ -228,5 +259,20 @@ impl<'a> TensorInputs<'a> {
             )
             .map(|(_, acc)| acc)
             .try_reduce(&init, |a, b| Ok(merge(a, b)))
+    }
+
+    /// Number of groups of blocks whose pages are released together.
+    fn group_count(&self) -> u64 {
+        self.block_count().div_ceil(RELEASE_GROUP_BLOCKS)
+    }
+
+    fn group_blocks(&self, group: u64) -> Range<u64> {
+        let first = group * RELEASE_GROUP_BLOCKS;
+        first..(first + RELEASE_GROUP_BLOCKS).min(self.block_count())
+    }
+
+    fn group_range(&self, group: u64) -> Range<u64> {
+        let blocks = self.group_blocks(group);
+        blocks.start * REDUCE_BLOCK_ELEMS..(blocks.end * REDUCE_BLOCK_ELEMS).min(self.elems)
     }
 }
