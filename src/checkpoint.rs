@@ -103,17 +103,17 @@ impl Checkpoint {
         })
     }
 
-    /// The path this checkpoint was opened from.
+    /// Returns the path this checkpoint was opened from.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// The folder holding the checkpoint (and its side files), if any.
+    /// Returns the folder that contains the checkpoint and its side files, if any.
     pub fn folder(&self) -> Option<&Path> {
         self.folder.as_deref()
     }
 
-    /// The opened files, in shard order.
+    /// Returns the opened files, in shard order.
     pub fn sources(&self) -> &[Source] {
         &self.sources
     }
@@ -130,7 +130,7 @@ impl Checkpoint {
         Some((source, &source.header().tensors[ti]))
     }
 
-    /// The parsed `config.json` of the folder, if present.
+    /// Returns the parsed `config.json` of the folder, if present.
     pub fn config(&self) -> Option<&Value> {
         self.config.as_ref()
     }

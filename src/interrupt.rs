@@ -1,7 +1,7 @@
 //! A process-wide interrupt flag, set by the binary's signal handler and polled by the
 //! engine between batches of chunks.
 //!
-//! The first Ctrl-C (or SIGTERM) asks the merge to stop, which removes its temporary
+//! The first Ctrl-C (or SIGTERM) requests a stop of the merge, which removes its temporary
 //! folder on the way out. A second one removes the registered temporary folder at once and
 //! exits, for a merge stuck in a long write.
 

@@ -16,7 +16,7 @@ pub enum ParamValue {
     Filtered(Vec<(Option<String>, ParamValue)>),
 }
 
-/// Where a tensor sits in the model, for gradients.
+/// The position of a tensor in the model, for gradients.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LayerPosition {
     /// The tensor's layer index (the number after `layers.` or `h.`), if it has one.

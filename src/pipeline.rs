@@ -93,7 +93,7 @@ pub struct TensorReport {
     pub task_vector_norms: Vec<f64>,
 }
 
-/// What a finished merge did.
+/// Totals of a finished merge.
 #[derive(Clone, Debug, Default)]
 pub struct Summary {
     /// Output tensors written.
@@ -115,7 +115,7 @@ pub struct Summary {
 /// Progress callback: (tensors done, output bytes done).
 pub type Progress<'a> = &'a (dyn Fn(usize, u64) + Sync);
 
-/// Where the merged shards go.
+/// The destination of the merged shards.
 pub enum Output<'a> {
     /// Into this prepared folder.
     Folder(&'a OutputDir),

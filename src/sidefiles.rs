@@ -37,7 +37,7 @@ fn is_side_pattern(name: &str) -> bool {
 ///
 /// `config.json` comes from `config_from` (the base model) and its `torch_dtype`/`dtype`
 /// field is set to `out_dtype`; the tokenizer files come from `from`. Tied embeddings are
-/// untied in the copied config when `untie` is set (the output holds a distinct head), and
+/// untied in the copied config when `untie` is set (the output contains a distinct head), and
 /// `vocab_size` is set when a vocabulary policy changed the embedding rows.
 ///
 /// # Errors

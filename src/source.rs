@@ -80,12 +80,12 @@ impl Source {
         })
     }
 
-    /// The file's path.
+    /// Returns the file's path.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// The validated header.
+    /// Returns the validated header.
     pub fn header(&self) -> &Header {
         &self.header
     }
@@ -104,7 +104,11 @@ impl Source {
     /// # Panics
     /// If `range` is not inside the tensor's span.
     pub fn bytes(&self, tensor: &TensorInfo, range: Range<u64>) -> Result<Cow<'_, [u8]>> {
-        assert!(range.start <= range.end && range.end <= tensor.size_bytes());
+        assert!(range.start <= range.end, "reversed range {range:?}");
+        assert!(
+            range.end <= tensor.size_bytes(),
+            "range {range:?} past the tensor"
+        );
         let begin = self.header.data_start + tensor.data_offsets.0 + range.start;
         let end = begin + (range.end - range.start);
         match &self.map {

@@ -472,17 +472,15 @@ fn value(options: &FamilyOptions, role: Role, tensor: u64, is_norm: bool, index:
     }
 }
 
-/// A uniform value in [0, 1) from a counter-based hash (SplitMix64's finaliser).
+/// Returns a uniform value in [0, 1) from a counter-based hash (SplitMix64's finaliser).
 #[inline]
 fn uniform(seed: u64, stream: u64, tensor: u64, index: u64) -> f32 {
-    let mut z = seed
+    let z = seed
         .wrapping_mul(0x9E37_79B9_7F4A_7C15)
         .wrapping_add(stream.wrapping_mul(0xD1B5_4A32_D192_ED03))
         .wrapping_add(tensor.wrapping_mul(0x8CB9_2BA7_2F3D_8DD7))
         .wrapping_add(index);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
+    let z = crate::method::rng::mix(z);
     (z >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
 }
 

@@ -33,7 +33,7 @@ pub struct TensorView<'a> {
     pub source: &'a Source,
     /// The header entry.
     pub info: &'a TensorInfo,
-    /// Where elements past the end of this tensor come from.
+    /// The source of the elements past the end of this tensor.
     pub tail: Option<Tail<'a>>,
 }
 
@@ -52,7 +52,7 @@ pub struct Tail<'a> {
 }
 
 impl<'a> TensorView<'a> {
-    /// A view of one whole tensor.
+    /// Returns a view of one whole tensor.
     pub fn new(source: &'a Source, info: &'a TensorInfo) -> TensorView<'a> {
         TensorView {
             source,

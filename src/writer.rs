@@ -14,7 +14,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::error::{Error, Result};
 
-/// One output shard as the writer sees it.
+/// One output shard, as the writer thread receives it.
 #[derive(Clone, Debug)]
 pub struct ShardSpec {
     /// File name inside the output folder.
@@ -108,12 +108,12 @@ impl OutputDir {
         })
     }
 
-    /// The temporary folder that receives the files.
+    /// Returns the temporary folder that receives the files.
     pub fn temp_path(&self) -> &Path {
         &self.temp
     }
 
-    /// The final destination.
+    /// Returns the final destination.
     pub fn destination(&self) -> &Path {
         &self.destination
     }
@@ -223,8 +223,8 @@ pub fn free_space(path: &Path) -> Result<u64> {
             detail: "contains a NUL byte".into(),
         })?;
     let mut stat = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
-    // SAFETY: `c` is a valid NUL-terminated string and `stat` points to writable memory of
-    // the right type; statvfs writes the struct only on success, which we check.
+    // SAFETY: `c` is a valid NUL-terminated string, and `stat` points to writable memory of
+    // the right type. statvfs writes the struct only on success, which is checked below.
     let rc = unsafe { libc::statvfs(c.as_ptr(), stat.as_mut_ptr()) };
     if rc != 0 {
         return Err(Error::io("statvfs", path, std::io::Error::last_os_error()));

@@ -106,7 +106,11 @@ fn tiny_family_values() {
     }
     assert!(differing > 0, "the variant equals the base");
     for (name, _, f) in &fisher {
-        assert!(f.iter().all(|&x| x >= 0.0 && x.is_finite()), "{name}");
+        assert!(f.iter().all(|&x| x >= 0.0), "{name}: negative Fisher value");
+        assert!(
+            f.iter().all(|x| x.is_finite()),
+            "{name}: non-finite Fisher value"
+        );
     }
 }
 

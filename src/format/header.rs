@@ -70,7 +70,7 @@ impl Header {
 
 /// Reads the 8-byte length prefix and checks it against the file length.
 ///
-/// `prefix` holds the first `min(file_len, 64)` bytes or more. Returns the JSON length `N`.
+/// `prefix` contains the first `min(file_len, 64)` bytes or more. Returns the JSON length `N`.
 ///
 /// # Errors
 /// [`Error::EmptyFile`], [`Error::LfsPointer`], [`Error::Truncated`] or

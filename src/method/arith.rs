@@ -119,7 +119,7 @@ pub(super) fn task_arithmetic(ctx: &Resolver<'_>, layout: Layout) -> Result<Box<
     Ok(Box::new(TaskArithmetic { weights, scale }))
 }
 
-/// How one model's task vector is sparsified.
+/// The sparsification rule of one model's task vector.
 #[derive(Clone, Copy, Debug)]
 enum Mask {
     /// Keep the elements in `keep` and outside `drop`.

@@ -245,7 +245,7 @@ impl KernelStats {
 
 /// The elementwise part of a method for one tensor, with its parameters resolved.
 ///
-/// `start` is the index of the tile's first element in the tensor, and `inputs` holds one
+/// `start` is the index of the tile's first element in the tensor, and `inputs` contains one
 /// slice per input in [`Layout`] order, all as long as `out`.
 pub trait TensorKernel: Send + Sync {
     /// Computes one tile in f32.

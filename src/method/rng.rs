@@ -4,13 +4,13 @@
 
 /// Mixes a 64-bit value (the SplitMix64 finalizer, a bijection with good avalanche).
 #[inline(always)]
-fn mix(mut z: u64) -> u64 {
+pub fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
 }
 
-/// The key of one (seed, tensor, model) stream.
+/// Returns the key of one (seed, tensor, model) stream.
 pub fn stream_key(seed: u64, tensor: &str, model: usize) -> u64 {
     // FNV-1a over the name, then mixed with the seed and model.
     let mut h: u64 = 0xCBF2_9CE4_8422_2325;
@@ -21,7 +21,7 @@ pub fn stream_key(seed: u64, tensor: &str, model: usize) -> u64 {
     mix(mix(seed ^ mix(h)) ^ (model as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
-/// A uniform draw in [0, 1) with 53 random bits for element `index` of a stream.
+/// Returns a uniform draw in [0, 1) with 53 random bits for element `index` of a stream.
 #[inline(always)]
 pub fn uniform(key: u64, index: u64) -> f64 {
     let bits = mix(key ^ mix(index.wrapping_add(0x9E37_79B9_7F4A_7C15)));

@@ -60,7 +60,7 @@ pub fn magnitude_key(x: f32) -> u32 {
 /// understands, such as a model number).
 #[derive(Clone, Copy, Debug)]
 pub struct SelectJob {
-    /// Which key stream to select from.
+    /// The key stream to select from.
     pub source: usize,
     /// How many elements to keep.
     pub k: u64,
@@ -214,7 +214,7 @@ fn add_histograms(mut a: Vec<Vec<u64>>, b: Vec<Vec<u64>>) -> Vec<Vec<u64>> {
     a
 }
 
-/// Returns the bucket that holds the k-th largest key (k >= 1) and the number of keys in
+/// Returns the bucket that contains the k-th largest key (k >= 1) and the number of keys in
 /// higher buckets.
 fn pick_bucket(hist: &[u64], k: u64) -> (u32, u64) {
     let mut above = 0u64;
@@ -258,5 +258,5 @@ fn last_tie_in_block(
             }
         }
     })?;
-    Ok(found.expect("block holds the counted ties"))
+    Ok(found.expect("the block contains the ties counted in it"))
 }
