@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 use crate::method::{KernelStats, Method, TensorKernel};
 use crate::params::{layer_index, LayerPosition};
 use crate::plan::{lookup, Action, MergeInputs, Plan};
-use crate::view::{TensorInputs, TileReader};
+use crate::view::{read_all, release_all, TensorInputs, TileReader};
 use crate::writer::{spawn_writer, OutputDir};
 
 /// Default memory budget for chunk buffers and mapped input pages: 256 MiB.
@@ -62,6 +62,9 @@ pub struct EngineOptions {
     pub allow_non_finite: bool,
     /// Compute the L2 norm of every task vector for the report (one extra read pass).
     pub task_vector_norms: bool,
+    /// Use a kernel's fused path (stored bytes straight to output bytes) where it has one.
+    /// Off, every kernel runs on converted f32 tiles; the output bytes are the same.
+    pub fused: bool,
 }
 
 impl Default for EngineOptions {
@@ -74,6 +77,7 @@ impl Default for EngineOptions {
             precision: Precision::F32,
             allow_non_finite: false,
             task_vector_norms: false,
+            fused: true,
         }
     }
 }
@@ -425,19 +429,60 @@ impl<'a> Engine<'a> {
     ) -> Result<(Vec<u8>, KernelStats, u64)> {
         let mut out = self.buffer(((range.end - range.start) as usize) * dtype.size_bytes());
         let mut stats = KernelStats::default();
+        let raw = read_all(&inputs.views, &range)?;
+        let start = range.start;
         let non_finite = match self.options.precision {
-            Precision::F32 => {
-                run_tiles::<f32>(inputs, range, &mut out, &mut stats, dtype, |s, i, o, st| {
-                    kernel.apply_f32(s, i, o, st)
-                })?
-            }
-            Precision::F64 => {
-                run_tiles::<f64>(inputs, range, &mut out, &mut stats, dtype, |s, i, o, st| {
-                    kernel.apply_f64(s, i, o, st)
-                })?
-            }
+            Precision::F32 => match self.fused(inputs, kernel, dtype, &raw, &mut out) {
+                Some(counts) => {
+                    stats.invalid_fisher += counts.invalid_fisher;
+                    stats.nonpositive_precision += counts.nonpositive_precision;
+                    counts.non_finite
+                }
+                None => run_tiles::<f32>(
+                    inputs,
+                    &raw,
+                    start,
+                    &mut out,
+                    &mut stats,
+                    dtype,
+                    |s, i, o, st| kernel.apply_f32(s, i, o, st),
+                ),
+            },
+            Precision::F64 => run_tiles::<f64>(
+                inputs,
+                &raw,
+                start,
+                &mut out,
+                &mut stats,
+                dtype,
+                |s, i, o, st| kernel.apply_f64(s, i, o, st),
+            ),
         };
+        drop(raw);
+        release_all(&inputs.views, &range);
         Ok((out, stats, non_finite))
+    }
+
+    /// Runs the kernel's fused path on the chunk when the options, the kernel and the
+    /// inputs allow it (one stored dtype for every input); `None` otherwise.
+    fn fused(
+        &self,
+        inputs: &TensorInputs<'_>,
+        kernel: &dyn TensorKernel,
+        dtype: crate::dtype::Dtype,
+        raw: &[Cow<'_, [u8]>],
+        out: &mut Vec<u8>,
+    ) -> Option<crate::method::fused::FusedCounts> {
+        let in_dtype = inputs.views.first()?.dtype();
+        let uniform = inputs.views.iter().all(|v| v.dtype() == in_dtype);
+        if !self.options.fused
+            || !uniform
+            || !kernel.has_stored_path(inputs.views.len(), in_dtype, dtype)
+        {
+            return None;
+        }
+        let slices: Vec<&[u8]> = raw.iter().map(|b| b.as_ref()).collect();
+        kernel.apply_stored(&slices, in_dtype, dtype, out)
     }
 
     fn copy_tensor(
@@ -487,26 +532,28 @@ impl<'a> Engine<'a> {
     }
 }
 
-/// Loads every tile of `range`, runs the kernel and appends the encoded output to `out`.
-/// Returns the number of non-finite output values.
+/// Converts the bytes `raw` of a range starting at element `start` tile by tile, runs the
+/// kernel and appends the encoded output to `out`. Returns the number of non-finite output
+/// values.
 fn run_tiles<A: Real>(
     inputs: &TensorInputs<'_>,
-    range: Range<u64>,
+    raw: &[Cow<'_, [u8]>],
+    start: u64,
     out: &mut Vec<u8>,
     stats: &mut KernelStats,
     dtype: crate::dtype::Dtype,
     apply: impl Fn(u64, &[&[A]], &mut [A], &mut KernelStats),
-) -> Result<u64> {
+) -> u64 {
     let mut reader = TileReader::<A>::new(inputs.views.len());
     let mut result = [A::ZERO; TILE_ELEMS];
     let mut non_finite = 0u64;
-    reader.for_each_tile(&inputs.views, range, |start, tiles| {
+    reader.convert_tiles(&inputs.views, raw, start, |tile_start, tiles| {
         let len = tiles.first().map_or(0, |t| t.len());
         let r = &mut result[..len];
-        apply(start, tiles, r, stats);
+        apply(tile_start, tiles, r, stats);
         non_finite += A::store(dtype, r, out);
-    })?;
-    Ok(non_finite)
+    });
+    non_finite
 }
 
 /// L2 norm of each model's task vector over one tensor, in f64 with fixed blocking.

@@ -154,17 +154,30 @@ impl<A: Real> TileReader<A> {
         &mut self,
         views: &[TensorView<'_>],
         range: Range<u64>,
-        mut f: impl FnMut(u64, &[&[A]]),
+        f: impl FnMut(u64, &[&[A]]),
     ) -> Result<()> {
-        let raw: Vec<Cow<'_, [u8]>> = views
-            .iter()
-            .map(|v| v.bytes(&range))
-            .collect::<Result<_>>()?;
-        let total = (range.end - range.start) as usize;
+        let raw = read_all(views, &range)?;
+        self.convert_tiles(views, &raw, range.start, f);
+        Ok(())
+    }
+
+    /// Converts bytes that [`read_all`] returned for a range starting at element `start`
+    /// and calls `f(tile_start, tiles)` once per tile, in order.
+    pub fn convert_tiles(
+        &mut self,
+        views: &[TensorView<'_>],
+        raw: &[Cow<'_, [u8]>],
+        start: u64,
+        mut f: impl FnMut(u64, &[&[A]]),
+    ) {
+        let total = raw
+            .first()
+            .zip(views.first())
+            .map_or(0, |(bytes, view)| bytes.len() / view.dtype().size_bytes());
         let mut offset = 0usize;
         while offset < total {
             let len = TILE_ELEMS.min(total - offset);
-            for ((buf, bytes), view) in self.scratch.iter_mut().zip(&raw).zip(views) {
+            for ((buf, bytes), view) in self.scratch.iter_mut().zip(raw).zip(views) {
                 let size = view.dtype().size_bytes();
                 A::load(
                     view.dtype(),
@@ -173,11 +186,16 @@ impl<A: Real> TileReader<A> {
                 );
             }
             let refs: Vec<&[A]> = self.scratch.iter().map(|b| &b[..len]).collect();
-            f(range.start + offset as u64, &refs);
+            f(start + offset as u64, &refs);
             offset += len;
         }
-        Ok(())
     }
+}
+
+/// Reads elements `range` of every view as raw bytes (borrowed from the mapping in mmap
+/// mode).
+pub fn read_all<'a>(views: &[TensorView<'a>], range: &Range<u64>) -> Result<Vec<Cow<'a, [u8]>>> {
+    views.iter().map(|v| v.bytes(range)).collect()
 }
 
 /// Releases the pages of elements `range` of every view (see [`Source::release`]).

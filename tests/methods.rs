@@ -1163,6 +1163,73 @@ fn output_identical_with_one_element_chunks() {
     );
 }
 
+#[test]
+fn fused_path_matches_tile_path() {
+    // The fused kernels (linear, task_arithmetic, gradmatch on BF16 or F32) must give the
+    // bytes of the tile kernels. F16 inputs and gradmatch with four models and a base
+    // Fisher (ten inputs) take the tile path either way, and are here to show that the
+    // fallback is chosen without changing anything.
+    for dtype in [Dtype::BF16, Dtype::F32, Dtype::F16] {
+        let case = Case::random(29, 4, dtype, Profile::General);
+        for models in 1..=4 {
+            let mut merges = vec![
+                case.config(MethodKind::Linear).first_models(models),
+                case.config(MethodKind::Linear)
+                    .models("weight", &[0.3, -0.2, 0.5, 0.4])
+                    .global("normalize", 0.0)
+                    .first_models(models),
+                case.config(MethodKind::TaskArithmetic)
+                    .models("weight", &[1.0, -0.5, 0.8, 0.3])
+                    .global("lambda", 0.7)
+                    .first_models(models),
+                case.config(MethodKind::GradMatch)
+                    .models("weight", &[0.5, 1.0, 0.8, 0.6])
+                    .first_models(models),
+                case.config(MethodKind::GradMatch)
+                    .models("weight", &[0.5, 1.0, 0.8, 0.6])
+                    .with_base_fisher(&case.base_fisher_path)
+                    .first_models(models),
+            ];
+            if dtype != Dtype::F32 {
+                merges.push(
+                    case.config(MethodKind::TaskArithmetic)
+                        .out_dtype(Dtype::F32)
+                        .first_models(models),
+                );
+            } else {
+                merges.push(
+                    case.config(MethodKind::GradMatch)
+                        .out_dtype(Dtype::BF16)
+                        .first_models(models),
+                );
+            }
+            for merge in merges {
+                let mut outputs = Vec::new();
+                for fused in [true, false] {
+                    let options = EngineOptions {
+                        fused,
+                        chunk_elems: Some(5000),
+                        ..EngineOptions::default()
+                    };
+                    let dest = case.out_dir("fused");
+                    merge
+                        .run_with(&dest, &options, IoMode::Mmap)
+                        .unwrap_or_else(|e| {
+                            panic!("{} ({dtype}, {models} models): {e}", merge.config.method)
+                        });
+                    outputs.push(std::fs::read(dest.join("model.safetensors")).unwrap());
+                }
+                assert!(
+                    outputs[0] == outputs[1],
+                    "{} ({dtype}, {models} models, out {:?}): fused and tile outputs differ",
+                    merge.config.method,
+                    merge.config.out_dtype
+                );
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Real checkpoints: the MLP on transformed digits.
 

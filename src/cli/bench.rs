@@ -107,6 +107,9 @@ pub struct RunArgs {
     /// Chunk size in elements (default: derived from --budget).
     #[arg(long, value_name = "N")]
     chunk_elems: Option<u64>,
+    /// Run every kernel on converted f32 tiles (the path before fused kernels).
+    #[arg(long)]
+    no_fused: bool,
     /// Merge only the first N tensors (sink output only), to sample a large family.
     #[arg(long, value_name = "N")]
     max_tensors: Option<usize>,
@@ -263,6 +266,7 @@ fn run_bench(args: &RunArgs) -> anyhow::Result<()> {
         threads: args.threads,
         budget_bytes,
         chunk_elems: args.chunk_elems,
+        fused: !args.no_fused,
         ..EngineOptions::default()
     };
 

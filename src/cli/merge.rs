@@ -110,6 +110,12 @@ pub struct MergeArgs {
     #[arg(long, value_name = "N", hide_short_help = true)]
     channel_depth: Option<usize>,
 
+    /// Run every kernel on converted f32 tiles instead of the fused path of linear,
+    /// task_arithmetic and gradmatch. Same output bytes, slower; for benchmarks and bug
+    /// reports.
+    #[arg(long, hide_short_help = true)]
+    no_fused: bool,
+
     /// Working precision of the kernels: f32 (fast, the default) or f64.
     #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
     precision: PrecisionArg,
@@ -364,6 +370,7 @@ fn engine_options(args: &MergeArgs, config: &MergeConfig) -> anyhow::Result<Engi
         precision,
         allow_non_finite: args.allow_non_finite,
         task_vector_norms: args.report.is_some(),
+        fused: !args.no_fused,
     })
 }
 

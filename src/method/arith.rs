@@ -16,6 +16,7 @@
 //! Masks are decided on the f32 task vector whatever the working precision, so a mask is
 //! the same in f32 and f64 mode.
 
+use super::fused::{Point, Pointwise, MAX_INPUTS};
 use super::rng;
 use super::select::{magnitude_key, select_top, SelectJob, TopSet};
 use super::{impl_kernel, KernelStats, Layout, MethodKind, Rescale, Resolver, TensorKernel};
@@ -29,6 +30,8 @@ use crate::view::TensorInputs;
 /// one model returns its values exactly (`w / w` is exactly 1, `w * x * (1 / w)` is not).
 struct Linear {
     weights: Vec<f64>,
+    /// The weights as f32, for the fused path (the first [`MAX_INPUTS`]).
+    weights_f32: [f32; MAX_INPUTS],
 }
 
 impl Linear {
@@ -42,7 +45,27 @@ impl Linear {
         }
     }
 }
-impl_kernel!(Linear);
+impl_kernel!(Linear, fused);
+
+impl Pointwise for Linear {
+    fn accepts(&self, inputs: usize) -> bool {
+        inputs == self.weights.len()
+    }
+
+    #[inline(always)]
+    fn point<const N: usize>(&self, x: &[f32; N]) -> Point {
+        let mut o = 0.0f32;
+        for (&v, &w) in x.iter().zip(&self.weights_f32) {
+            o += w * v;
+        }
+        Point::value(o)
+    }
+}
+
+/// The first [`MAX_INPUTS`] weights as f32, rounded as `Real::from_f64` rounds them.
+fn weights_f32(weights: &[f64]) -> [f32; MAX_INPUTS] {
+    std::array::from_fn(|i| weights.get(i).map_or(0.0, |&w| w as f32))
+}
 
 pub(super) fn linear(ctx: &Resolver<'_>, layout: Layout) -> Result<Box<dyn TensorKernel>> {
     let mut weights = Vec::with_capacity(layout.len());
@@ -63,13 +86,18 @@ pub(super) fn linear(ctx: &Resolver<'_>, layout: Layout) -> Result<Box<dyn Tenso
             *w /= sum;
         }
     }
-    Ok(Box::new(Linear { weights }))
+    Ok(Box::new(Linear {
+        weights_f32: weights_f32(&weights),
+        weights,
+    }))
 }
 
 /// `theta_0 + scale * sum_t w_t (theta_t - theta_0)`.
 struct TaskArithmetic {
     weights: Vec<f64>,
     scale: f64,
+    /// The weights as f32, for the fused path (the first [`MAX_INPUTS`]).
+    weights_f32: [f32; MAX_INPUTS],
 }
 
 impl TaskArithmetic {
@@ -88,7 +116,23 @@ impl TaskArithmetic {
         }
     }
 }
-impl_kernel!(TaskArithmetic);
+impl_kernel!(TaskArithmetic, fused);
+
+impl Pointwise for TaskArithmetic {
+    fn accepts(&self, inputs: usize) -> bool {
+        inputs == self.weights.len() + 1
+    }
+
+    #[inline(always)]
+    fn point<const N: usize>(&self, x: &[f32; N]) -> Point {
+        let base = x[0];
+        let mut o = 0.0f32;
+        for (&v, &w) in x[1..].iter().zip(&self.weights_f32) {
+            o += w * (v - base);
+        }
+        Point::value(base + (self.scale as f32) * o)
+    }
+}
 
 fn weights_and_scale(
     ctx: &Resolver<'_>,
@@ -116,7 +160,11 @@ pub(super) fn task_arithmetic(ctx: &Resolver<'_>, layout: Layout) -> Result<Box<
     } else {
         lambda
     };
-    Ok(Box::new(TaskArithmetic { weights, scale }))
+    Ok(Box::new(TaskArithmetic {
+        weights_f32: weights_f32(&weights),
+        weights,
+        scale,
+    }))
 }
 
 /// The sparsification rule of one model's task vector.

@@ -10,6 +10,7 @@
 //! `gradmatch`). See [`Layout`].
 
 mod arith;
+pub mod fused;
 mod geometric;
 mod precision;
 pub mod rng;
@@ -18,6 +19,7 @@ pub mod select;
 use std::fmt;
 use std::str::FromStr;
 
+use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::params::{LayerPosition, MergeParams};
 use crate::view::TensorInputs;
@@ -252,11 +254,59 @@ pub trait TensorKernel: Send + Sync {
     fn apply_f32(&self, start: u64, inputs: &[&[f32]], out: &mut [f32], stats: &mut KernelStats);
     /// Computes one tile in f64.
     fn apply_f64(&self, start: u64, inputs: &[&[f64]], out: &mut [f64], stats: &mut KernelStats);
+
+    /// True when [`apply_stored`](Self::apply_stored) handles `inputs` inputs stored as
+    /// `in_dtype` and written as `out_dtype`, given aligned data. The default is false.
+    fn has_stored_path(&self, inputs: usize, in_dtype: Dtype, out_dtype: Dtype) -> bool {
+        let _ = (inputs, in_dtype, out_dtype);
+        false
+    }
+
+    /// Computes a whole range in f32 straight from the stored bytes of every input (all of
+    /// `in_dtype`) and appends the encoded output to `out` (see [`fused`]). Returns
+    /// `None`, with `out` untouched, when the kernel has no such path for these inputs; the
+    /// engine then uses the tiles of [`apply_f32`](Self::apply_f32), which give the same
+    /// bits.
+    fn apply_stored(
+        &self,
+        inputs: &[&[u8]],
+        in_dtype: Dtype,
+        out_dtype: Dtype,
+        out: &mut Vec<u8>,
+    ) -> Option<fused::FusedCounts> {
+        let _ = (inputs, in_dtype, out_dtype, out);
+        None
+    }
 }
 
-/// Implements [`TensorKernel`] for a type with a generic `apply<A: Real>` method.
+/// Implements [`TensorKernel`] for a type with a generic `apply<A: Real>` method; with
+/// `fused`, also the stored-bytes path of a type that implements [`fused::Pointwise`].
 macro_rules! impl_kernel {
     ($t:ty) => {
+        $crate::method::impl_kernel!(@impl $t;);
+    };
+    ($t:ty, fused) => {
+        $crate::method::impl_kernel!(@impl $t;
+            fn has_stored_path(
+                &self,
+                inputs: usize,
+                in_dtype: $crate::dtype::Dtype,
+                out_dtype: $crate::dtype::Dtype,
+            ) -> bool {
+                $crate::method::fused::supports(self, inputs, in_dtype, out_dtype)
+            }
+            fn apply_stored(
+                &self,
+                inputs: &[&[u8]],
+                in_dtype: $crate::dtype::Dtype,
+                out_dtype: $crate::dtype::Dtype,
+                out: &mut Vec<u8>,
+            ) -> Option<$crate::method::fused::FusedCounts> {
+                $crate::method::fused::run(self, inputs, in_dtype, out_dtype, out)
+            }
+        );
+    };
+    (@impl $t:ty; $($extra:item)*) => {
         impl $crate::method::TensorKernel for $t {
             fn apply_f32(
                 &self,
@@ -295,6 +345,7 @@ macro_rules! impl_kernel {
             ) {
                 self.apply::<f64>(start, inputs, out, stats)
             }
+            $($extra)*
         }
     };
 }

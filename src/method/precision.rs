@@ -14,6 +14,7 @@
 //! merge when any are found. So are gradmatch elements with `Hbar <= 0`, which negative
 //! weights can cause.
 
+use super::fused::{Point, Pointwise, MAX_INPUTS};
 use super::{impl_kernel, FisherNormalize, KernelStats, Layout, Resolver, TensorKernel};
 use crate::convert::{Real, TILE_ELEMS};
 use crate::error::Result;
@@ -136,6 +137,9 @@ struct GradMatch {
     delta: f64,
     base_scale: f64,
     layout: Layout,
+    /// `alphas` and `scales` as f32, for the fused path (the first [`MAX_INPUTS`]).
+    alphas_f32: [f32; MAX_INPUTS],
+    scales_f32: [f32; MAX_INPUTS],
 }
 
 impl GradMatch {
@@ -213,7 +217,52 @@ impl GradMatch {
         }
     }
 }
-impl_kernel!(GradMatch);
+impl_kernel!(GradMatch, fused);
+
+impl Pointwise for GradMatch {
+    fn accepts(&self, inputs: usize) -> bool {
+        // The input count alone then fixes the layout: 1 + 2M, plus 1 with a base Fisher.
+        let l = self.layout;
+        inputs == l.len() && l.has_base && l.has_fishers && (inputs % 2 == 0) == l.has_base_fisher
+    }
+
+    #[inline(always)]
+    fn point<const N: usize>(&self, x: &[f32; N]) -> Point {
+        // The operations of `apply_tile` for one element, in its order.
+        let models = (N - 1) / 2;
+        let has_base_fisher = N % 2 == 0;
+        let base = x[0];
+        let delta = self.delta as f32;
+        let mut invalid = 0u32;
+        let h0 = if has_base_fisher {
+            let f = x[N - 1];
+            invalid += invalid_fisher(f) as u32;
+            (self.base_scale as f32) * f + delta
+        } else {
+            delta
+        };
+        let mut hbar = h0;
+        for m in 0..models {
+            let f = x[1 + models + m];
+            invalid += invalid_fisher(f) as u32;
+            hbar += self.alphas_f32[m] * (self.scales_f32[m] * f);
+        }
+        // A NaN precision counts as non-positive; this form compiles to one compare.
+        #[allow(clippy::neg_cmp_op_on_partial_ord)]
+        let nonpositive = (!(hbar > 0.0)) as u32;
+        let mut o = 0.0f32;
+        for m in 0..models {
+            let (a, s) = (self.alphas_f32[m], self.scales_f32[m]);
+            let weight = a * (h0 + s * x[1 + models + m]) / hbar;
+            o += weight * (x[1 + m] - base);
+        }
+        Point {
+            value: base + o,
+            invalid_fisher: invalid,
+            nonpositive_precision: nonpositive,
+        }
+    }
+}
 
 pub(super) fn gradmatch(ctx: &Resolver<'_>, layout: Layout) -> Result<Box<dyn TensorKernel>> {
     let models = layout.models;
@@ -251,6 +300,8 @@ pub(super) fn gradmatch(ctx: &Resolver<'_>, layout: Layout) -> Result<Box<dyn Te
         "(0, inf)",
     )?;
     Ok(Box::new(GradMatch {
+        alphas_f32: std::array::from_fn(|i| alphas.get(i).map_or(0.0, |&a| a as f32)),
+        scales_f32: std::array::from_fn(|i| scales.get(i).map_or(0.0, |&s| s as f32)),
         alphas,
         scales,
         delta,
