@@ -126,19 +126,19 @@ impl Source {
     /// Drops the pages of an already consumed byte range (relative to `tensor`'s data) from
     /// this process's resident set. Does nothing in read mode.
     ///
-    /// The released span is widened by the fault-around window on both sides. Pages are
+    /// The released span is widened by [`RELEASE_MARGIN_BYTES`] on both sides. Pages are
     /// re-read from the page cache if touched again, so releasing a page that another
     /// thread still reads costs time but never changes a result.
     pub fn release(&self, tensor: &TensorInfo, range: Range<u64>) {
         let Some(map) = &self.map else { return };
         let page = page_size();
-        // Widen the range by the kernel's fault-around window on both sides: a fault maps
-        // up to that much around the faulting page, which re-maps pages of neighbouring
-        // ranges that were released already (chunks finish out of order). Without the
-        // margin those pages stay resident, and RSS grows with the number of chunks.
+        // Widen the range on both sides: a fault maps more than the faulting page, which
+        // re-maps pages of neighbouring ranges that were released already (chunks finish
+        // out of order). Without the margin those pages stay resident, and RSS grows with
+        // the number of chunks.
         let begin = (self.header.data_start + tensor.data_offsets.0 + range.start)
-            .saturating_sub(FAULT_AROUND_BYTES);
-        let end = self.header.data_start + tensor.data_offsets.0 + range.end + FAULT_AROUND_BYTES;
+            .saturating_sub(RELEASE_MARGIN_BYTES);
+        let end = self.header.data_start + tensor.data_offsets.0 + range.end + RELEASE_MARGIN_BYTES;
         let aligned_begin = begin / page * page;
         let aligned_end = end.div_ceil(page).saturating_mul(page).min(self.len_bytes);
         if aligned_end <= aligned_begin {
@@ -198,9 +198,14 @@ fn map_file(file: &File, path: &Path) -> Result<Mmap> {
     Ok(map)
 }
 
-/// Linux's default `fault_around_bytes`: a read fault on a file mapping maps up to this
-/// many bytes of already cached pages around the faulting address.
-const FAULT_AROUND_BYTES: u64 = 64 << 10;
+/// How far a release reaches past the consumed range on each side: 2 MiB.
+///
+/// A read fault on a file mapping maps more than one page: up to `fault_around_bytes`
+/// (64 KiB by default) of cached pages around the faulting address, or a whole large
+/// folio of the page cache, which is up to 2 MiB on x86-64. On Linux 6.18, with chunks
+/// of 64 Ki bf16 elements, a task arithmetic merge of 2 GB models peaked at 294 MB RSS
+/// with a 64 KiB margin and at 19 MB with this one.
+pub const RELEASE_MARGIN_BYTES: u64 = 2 << 20;
 
 /// Returns the system page size in bytes.
 pub fn page_size() -> u64 {

@@ -23,8 +23,6 @@
 //! f32 arithmetic, 1 to [`MAX_INPUTS`] inputs, and data aligned to its element size
 //! (always true for mapped safetensors files). Anything else runs through tiles.
 
-use bytemuck::Zeroable;
-
 use crate::convert::{f32_to_bf16_bits, TILE_ELEMS};
 use crate::dtype::Dtype;
 
@@ -180,24 +178,31 @@ fn fused_loop<K: Pointwise, const N: usize, I: Stored, O: Encoded>(
 ) -> FusedCounts {
     let len = inputs[0].len();
     let mut counts = FusedCounts::default();
-    let mut tile = [O::Raw::zeroed(); TILE_ELEMS];
-    out.reserve(len * std::mem::size_of::<O::Raw>());
+    let size = std::mem::size_of::<O::Raw>();
+    out.reserve(len * size);
     let mut start = 0;
     while start < len {
         let n = TILE_ELEMS.min(len - start);
         let xs: [&[I::Raw]; N] = std::array::from_fn(|j| &inputs[j][start..start + n]);
-        let tile = &mut tile[..n];
         let (mut non_finite, mut invalid, mut nonpositive) = (0u32, 0u32, 0u32);
-        for (i, slot) in tile.iter_mut().enumerate() {
+        let dst = out.spare_capacity_mut()[..n * size]
+            .as_mut_ptr()
+            .cast::<O::Raw>();
+        for i in 0..n {
             let x: [f32; N] = std::array::from_fn(|j| I::to_f32(xs[j][i]));
             let p = kernel.point::<N>(&x);
             let (raw, bad) = O::encode(p.value);
-            *slot = raw;
+            // SAFETY: `dst` points at n * size bytes of spare capacity (sliced above), and
+            // element i < n lies inside it. The write is unaligned because a Vec<u8>
+            // promises no alignment.
+            unsafe { dst.add(i).write_unaligned(raw) };
             non_finite += bad;
             invalid += p.invalid_fisher;
             nonpositive += p.nonpositive_precision;
         }
-        out.extend_from_slice(bytemuck::cast_slice(tile));
+        // SAFETY: the loop above initialised all n * size bytes after the old length, and
+        // they are within the capacity reserved before the loop.
+        unsafe { out.set_len(out.len() + n * size) };
         counts.non_finite += u64::from(non_finite);
         counts.invalid_fisher += u64::from(invalid);
         counts.nonpositive_precision += u64::from(nonpositive);
