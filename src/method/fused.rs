@@ -188,6 +188,8 @@ fn fused_loop<K: Pointwise, const N: usize, I: Stored, O: Encoded>(
         let dst = out.spare_capacity_mut()[..n * size]
             .as_mut_ptr()
             .cast::<O::Raw>();
+        // `i` indexes every input and the output pointer at once.
+        #[allow(clippy::needless_range_loop)]
         for i in 0..n {
             let x: [f32; N] = std::array::from_fn(|j| I::to_f32(xs[j][i]));
             let p = kernel.point::<N>(&x);
