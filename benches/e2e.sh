@@ -63,7 +63,13 @@ for fam in small medium; do
         measure "$fam/folder" "$fam" --method "$method" --out "$DATA/out" --force
         measure "$fam/sink" "$fam" --method "$method" --baseline copy
         measure "$fam/sink" "$fam" --method "$method"
+        # The tile path that every kernel had before the fused loops, for comparison.
+        measure "$fam/sink" "$fam" --method "$method" --no-fused
     done
+done
+# Peak memory follows --budget (the default is 256M).
+for budget in 16M 64M 1G; do
+    measure "medium/sink, budget $budget" medium --method task_arithmetic --budget "$budget"
 done
 # TIES is about 20 times slower than the others (see docs/BENCHMARKS.md): small family only.
 measure "small/sink" small --method ties

@@ -4,6 +4,7 @@
 //! Each method runs the engine's per-tile loop (load every input tile to f32, apply the
 //! kernel, store the output) over one 512 x 512 tensor of a synthetic family, so the
 //! inputs sit in the L2 cache and the numbers show compute cost, not memory bandwidth.
+//! Methods with a fused loop (`method::fused`) are also timed on it, as `fused`.
 //!
 //!     cargo bench --bench kernels
 //!     cargo bench --bench kernels -- 'kernel/bf16'     # one group
@@ -153,6 +154,17 @@ fn bench_kernels(c: &mut Criterion) {
                     black_box((&out, stats));
                 })
             });
+            let slices: Vec<&[u8]> = raw.iter().map(Vec::as_slice).collect();
+            if kernel.has_stored_path(slices.len(), dtype, dtype) {
+                group.bench_function(BenchmarkId::new("fused", kind.name()), |b| {
+                    let mut out = Vec::with_capacity(inputs.elems as usize * dtype.size_bytes());
+                    b.iter(|| {
+                        out.clear();
+                        let counts = kernel.apply_stored(&slices, dtype, dtype, &mut out);
+                        black_box((&out, counts.expect("aligned inputs")));
+                    })
+                });
+            }
         }
         group.finish();
     }

@@ -305,6 +305,7 @@ fn run_bench(args: &RunArgs) -> anyhow::Result<()> {
     let secs = measured.elapsed.as_secs_f64().max(1e-9);
     let name = match args.baseline {
         Some(Baseline::Copy) => "copy".to_string(),
+        None if args.no_fused => format!("{} (tiles)", kind.name()),
         None => kind.name().to_string(),
     };
     if args.json {
