@@ -5,7 +5,8 @@
 //! for each output tensor, in plan order:
 //!     kernel = method.prepare(tensor)           reductions over the mapped inputs
 //!     for each batch of `batch_chunks` chunks:
-//!         compute the chunks in parallel          tiles: load -> kernel -> store
+//!         compute the chunks in parallel          the kernel's fused loop, else tiles:
+//!                                                 load -> kernel -> store
 //!         send the buffers to the writer in order (bounded channel)
 //!     check the tensor's counters (NaN, Fisher values, precision)
 //! ```
