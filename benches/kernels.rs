@@ -75,6 +75,7 @@ fn open_job(kind: MethodKind, family: &Family) -> MergeJob {
         tokenizer_source: TokenizerSource::Base,
         rescale: Rescale::L1,
         fisher_normalize: FisherNormalize::None,
+        layer_range: None,
     };
     MergeJob::open(config, IoMode::Mmap, PlanOptions::default()).expect("synthetic family opens")
 }

@@ -60,6 +60,9 @@ pub struct MergeConfig {
     pub rescale: Rescale,
     /// Fisher normalisation.
     pub fisher_normalize: FisherNormalize,
+    /// The `layer_range` of the one slice, when the configuration used `slices:`.
+    /// [`crate::job::MergeJob::open`] checks that it covers every layer of the models.
+    pub layer_range: Option<[u64; 2]>,
 }
 
 impl MergeConfig {
@@ -186,6 +189,7 @@ pub fn parse_yaml(text: &str, origin: &Path, base_dir: &Path) -> Result<MergeCon
 
     // Models from `models:` or from a single full-range slice.
     let mut entries: Vec<RawModel> = raw.models;
+    let mut layer_range = None;
     if !raw.slices.is_empty() {
         if !entries.is_empty() {
             return Err(fail("give either `models` or `slices`, not both".into()));
@@ -204,6 +208,7 @@ pub fn parse_yaml(text: &str, origin: &Path, base_dir: &Path) -> Result<MergeCon
             raw_base_model = slice.base_model;
         }
         let ranges: Vec<Option<[u64; 2]>> = slice.sources.iter().map(|s| s.layer_range).collect();
+        layer_range = ranges.first().copied().flatten();
         if ranges.windows(2).any(|w| w[0] != w[1])
             || ranges.iter().any(|r| r.is_some_and(|[a, _]| a != 0))
         {
@@ -301,6 +306,7 @@ pub fn parse_yaml(text: &str, origin: &Path, base_dir: &Path) -> Result<MergeCon
         tokenizer_source,
         rescale,
         fisher_normalize,
+        layer_range,
     })
 }
 

@@ -41,6 +41,7 @@ impl MergeJob {
         mut plan_options: PlanOptions,
     ) -> Result<MergeJob> {
         let kind = config.method;
+        check_finite(&config.params)?;
         let open = |p: &Path| Checkpoint::open(p, io);
         let base = config.base_model.as_deref().map(open).transpose()?;
         let models = config
@@ -87,6 +88,9 @@ impl MergeJob {
             plan_options.out_dtype = config.output_dtype();
         }
         let plan = Plan::build(&inputs, kind, &plan_options)?;
+        if let Some(range) = config.layer_range {
+            check_layer_range(range, &plan, inputs.reference().path())?;
+        }
 
         let mut method = Method::new(kind, config.params.clone());
         method.rescale = config.rescale;
@@ -102,6 +106,7 @@ impl MergeJob {
             .map(fisher_examples)
             .transpose()?
             .unwrap_or(1.0);
+        warn_mixed_fisher_scales(&inputs, &config);
         validate_parameters(&plan, &inputs, &method)?;
         Ok(MergeJob {
             config,
@@ -238,6 +243,90 @@ impl MergeJob {
     }
 }
 
+/// Stops on a NaN or infinite parameter value, which would turn the whole merge into NaN.
+fn check_finite(params: &crate::params::MergeParams) -> Result<()> {
+    fn first_bad(value: &crate::params::ParamValue) -> Option<f64> {
+        use crate::params::ParamValue;
+        match value {
+            ParamValue::Scalar(x) => (!x.is_finite()).then_some(*x),
+            ParamValue::Gradient(values) => values.iter().copied().find(|x| !x.is_finite()),
+            ParamValue::Filtered(entries) => entries.iter().find_map(|(_, v)| first_bad(v)),
+        }
+    }
+    let blocks = std::iter::once(("the global parameters".to_string(), &params.global))
+        .chain(std::iter::once((
+            "the base model's parameters".to_string(),
+            &params.base,
+        )))
+        .chain(
+            params
+                .models
+                .iter()
+                .enumerate()
+                .map(|(m, map)| (format!("model {}'s parameters", m + 1), map)),
+        );
+    for (owner, map) in blocks {
+        for (key, value) in map {
+            if let Some(bad) = first_bad(value) {
+                return Err(Error::InvalidParameter(format!(
+                    "`{key}` in {owner} is {bad}; every parameter must be a finite number"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks that a `slices:` layer range covers every layer, because gradmerge merges whole
+/// models.
+fn check_layer_range(range: [u64; 2], plan: &Plan, reference: &Path) -> Result<()> {
+    let layers = plan.num_layers();
+    if range == [0, layers] {
+        return Ok(());
+    }
+    Err(Error::InvalidParameter(format!(
+        "the slice's layer_range [{}, {}] does not cover the {layers} layers of {}; gradmerge merges whole models, so set layer_range: [0, {layers}]",
+        range[0],
+        range[1],
+        reference.display()
+    )))
+}
+
+/// Warns when some Fisher files carry `fisher.examples` and others do not, unless the
+/// configuration sets `fisher_scale`: the ones without it are scaled by 1, which is
+/// rarely what a user with counts on the other files wants.
+fn warn_mixed_fisher_scales(inputs: &MergeInputs, config: &MergeConfig) {
+    let has = |c: &Checkpoint| c.metadata_value("fisher.examples").is_some();
+    let all: Vec<&Checkpoint> = inputs.fishers.iter().chain(&inputs.base_fisher).collect();
+    if !all.iter().any(|c| has(c)) {
+        return;
+    }
+    let set = |map: &crate::params::ParamMap, key: &str| map.contains_key(key);
+    for (m, fisher) in inputs.fishers.iter().enumerate() {
+        let scaled = set(&config.params.global, "fisher_scale")
+            || config
+                .params
+                .models
+                .get(m)
+                .is_some_and(|p| set(p, "fisher_scale"));
+        if !has(fisher) && !scaled {
+            log::warn!(
+                "{} has no fisher.examples metadata, so model {}'s Fisher is scaled by 1 while other Fisher files are scaled by their example counts; set fisher_scale for that model if its Fisher was averaged over another number of examples",
+                fisher.path().display(),
+                m + 1
+            );
+        }
+    }
+    if let Some(base) = &inputs.base_fisher {
+        if !has(base) && !set(&config.params.global, "base_fisher_scale") {
+            log::warn!(
+                "{} has no fisher.examples metadata, so the base Fisher is scaled by 1 while other Fisher files are scaled by their example counts; set base_fisher_scale if that is not intended",
+                base.path().display()
+            );
+        }
+    }
+}
+
 /// Returns a Fisher file's `fisher.examples` metadata as a scale, or 1 when absent.
 fn fisher_examples(ckpt: &Checkpoint) -> Result<f64> {
     match ckpt.metadata_value("fisher.examples") {
@@ -259,12 +348,7 @@ fn fisher_examples(ckpt: &Checkpoint) -> Result<f64> {
 /// the checks that need data (such as gradmatch's precision) are left for the merge.
 fn validate_parameters(plan: &Plan, inputs: &MergeInputs, method: &Method) -> Result<()> {
     let layout = inputs.layout(method.kind);
-    let num_layers = plan
-        .tensors
-        .iter()
-        .filter_map(|t| layer_index(&t.name))
-        .max()
-        .map_or(0, |m| m + 1);
+    let num_layers = plan.num_layers();
     for (i, t) in plan.tensors.iter().enumerate() {
         if t.action != Action::Merge {
             continue;

@@ -239,12 +239,7 @@ impl<'a> Engine<'a> {
         let derived = (options.budget_bytes / (in_flight * per_elem))
             .clamp(TILE_ELEMS as u64, MAX_CHUNK_ELEMS);
         let chunk_elems = options.chunk_elems.unwrap_or(derived).max(1);
-        let num_layers = plan
-            .tensors
-            .iter()
-            .filter_map(|t| layer_index(&t.name))
-            .max()
-            .map_or(0, |m| m + 1);
+        let num_layers = plan.num_layers();
         Engine {
             plan,
             inputs,
@@ -388,14 +383,17 @@ impl<'a> Engine<'a> {
             } else {
                 0
             };
-            let files: Vec<String> = inputs.views[first..]
-                .iter()
-                .map(|v| v.source.path().display().to_string())
-                .collect();
+            let fishers = &inputs.views[first..];
+            let location = match first_invalid_fisher(fishers, inputs.elems)? {
+                Some((view, index, value)) => format!(
+                    "the first is {value} at element {index} of {}",
+                    fishers[view].source.path().display()
+                ),
+                None => "they were not found again on a second read; is a file changing?".into(),
+            };
             return Err(Error::Mismatch(format!(
-                "tensor `{name}`: {} Fisher values are negative, NaN or infinite (in {}); Fisher estimates must be finite and >= 0",
+                "tensor `{name}`: {} Fisher values are negative, NaN or infinite; {location}. Fisher estimates must be finite and >= 0: fix or regenerate that Fisher file",
                 s.invalid_fisher,
-                files.join(", ")
             )));
         }
         if s.nonpositive_precision > 0 {
@@ -555,6 +553,36 @@ fn run_tiles<A: Real>(
         non_finite += A::store(dtype, r, out);
     });
     non_finite
+}
+
+/// Finds the first Fisher value that is negative, NaN or infinite: (position in `views`,
+/// element index, value). Reads each view again in blocks, on the error path only.
+fn first_invalid_fisher(
+    views: &[crate::view::TensorView<'_>],
+    elems: u64,
+) -> Result<Option<(usize, u64, f32)>> {
+    const STEP: u64 = 1 << 20;
+    for (i, view) in views.iter().enumerate() {
+        let mut reader = TileReader::<f32>::new(1);
+        let mut start = 0;
+        while start < elems {
+            let range = start..(start + STEP).min(elems);
+            let mut found = None;
+            reader.for_each_tile(std::slice::from_ref(view), range, |tile_start, tiles| {
+                if found.is_none() {
+                    found = tiles[0]
+                        .iter()
+                        .position(|&f| !(f >= 0.0 && f.is_finite()))
+                        .map(|j| (tile_start + j as u64, tiles[0][j]));
+                }
+            })?;
+            if let Some((index, value)) = found {
+                return Ok(Some((i, index, value)));
+            }
+            start += STEP;
+        }
+    }
+    Ok(None)
 }
 
 /// L2 norm of each model's task vector over one tensor, in f64 with fixed blocking.

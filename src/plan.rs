@@ -196,6 +196,15 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Number of layers: one more than the largest layer index in a tensor name, or 0.
+    pub fn num_layers(&self) -> u64 {
+        self.tensors
+            .iter()
+            .filter_map(|t| crate::params::layer_index(&t.name))
+            .max()
+            .map_or(0, |m| m + 1)
+    }
+
     /// Builds and validates the plan, reporting every problem found at once.
     ///
     /// # Errors
@@ -219,9 +228,14 @@ impl Plan {
                 }
             }
         }
+        let (role, fix) = if inputs.base.is_some() {
+            ("the base", "use a base with the same architecture")
+        } else {
+            ("the first model", "list models of one architecture")
+        };
         for (name, path) in &extra {
             problems.push(format!(
-                "`{name}` is in {path} but not in the base {}; drop that model or use a base with the same architecture",
+                "`{name}` is in {path} but not in {role} {}; drop that model or {fix}",
                 reference.path().display()
             ));
         }

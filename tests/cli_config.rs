@@ -923,3 +923,80 @@ fn parent_folder_output_rejected() {
     );
     assert!(sub.is_dir());
 }
+
+#[test]
+fn non_finite_parameters_rejected() {
+    for (param, shown) in [("weight=nan", "is NaN"), ("lambda=inf", "is inf")] {
+        let o = gradmerge(&[
+            "merge",
+            "examples/task_arithmetic.yml",
+            "--dry-run",
+            "-p",
+            param,
+        ]);
+        assert_eq!(o.status.code(), Some(2), "{param}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains(shown) && stderr(&o).contains("finite number"),
+            "{param}: {}",
+            stderr(&o)
+        );
+    }
+}
+
+#[test]
+fn partial_slice_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("partial.yml");
+    std::fs::write(&config, MERGEKIT_SLERP.replace("[0, 2]", "[0, 1]")).unwrap();
+    let out = dir.path().join("out");
+    let o = gradmerge(&[
+        "merge",
+        config.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("layer_range [0, 1] does not cover the 2 layers")
+            && stderr(&o).contains("layer_range: [0, 2]"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn fisher_without_examples_warns() {
+    // The same Fisher as tests/data's `code` Fisher, without its metadata.
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(data("gpt2-tiny/fishers/code/model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let fisher = dir.path().join("fisher-code");
+    std::fs::create_dir(&fisher).unwrap();
+    safetensors::serialize_to_file(st.tensors(), None, &fisher.join("model.safetensors")).unwrap();
+    let yaml = std::fs::read_to_string("examples/gradmatch_gpt2.yml")
+        .unwrap()
+        .replace(
+            "fisher: tests/data/gpt2-tiny/fishers/code",
+            &format!("fisher: {}", fisher.display()),
+        );
+    let config = dir.path().join("gradmatch.yml");
+    std::fs::write(&config, yaml).unwrap();
+    let o = gradmerge(&["merge", config.to_str().unwrap(), "--dry-run"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("has no fisher.examples metadata, so model 1's Fisher is scaled by 1"),
+        "{}",
+        stderr(&o)
+    );
+    // Setting the scale says the user means it.
+    let o = gradmerge(&[
+        "merge",
+        config.to_str().unwrap(),
+        "--dry-run",
+        "-p",
+        "fisher_scale=100",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("fisher.examples"), "{}", stderr(&o));
+}

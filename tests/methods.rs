@@ -1280,6 +1280,7 @@ fn mlp_merge(method: MethodKind, dtype: &str, alpha: f64, base_fisher: bool) -> 
         tokenizer_source: TokenizerSource::Base,
         rescale: Rescale::L1,
         fisher_normalize: FisherNormalize::None,
+        layer_range: None,
     }
 }
 

@@ -175,6 +175,7 @@ fn merge_config(kind: MethodKind, family: &Family, weight: f64) -> MergeConfig {
         tokenizer_source: TokenizerSource::Base,
         rescale: Rescale::L1,
         fisher_normalize: FisherNormalize::None,
+        layer_range: None,
     }
 }
 

@@ -204,6 +204,7 @@ pub fn merge(data: &[u8]) {
         tokenizer_source: TokenizerSource::Base,
         rescale: Rescale::L1,
         fisher_normalize: FisherNormalize::None,
+        layer_range: None,
     };
     let plan_options = PlanOptions {
         shard_size_bytes: 64,

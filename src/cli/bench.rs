@@ -14,7 +14,7 @@ use gradmerge::dtype::Dtype;
 use gradmerge::job::MergeJob;
 use gradmerge::method::{FisherNormalize, MethodKind, Rescale};
 use gradmerge::params::{MergeParams, ParamValue};
-use gradmerge::pipeline::{EngineOptions, DEFAULT_BUDGET_BYTES};
+use gradmerge::pipeline::EngineOptions;
 use gradmerge::plan::PlanOptions;
 use gradmerge::source::{page_size, IoMode};
 use gradmerge::synth::{self, Family, FamilyOptions, Preset};
@@ -98,10 +98,11 @@ pub struct RunArgs {
     /// Replace an existing output folder.
     #[arg(long)]
     force: bool,
-    /// Worker threads (default: one per core).
-    #[arg(long, short = 'j', default_value_t = 0)]
+    /// Worker threads, at most 1024 (default: one per core).
+    #[arg(long, short = 'j', default_value_t = 0, hide_default_value = true)]
     threads: usize,
-    /// Memory budget for chunks in flight and mapped input pages (K/M/G suffixes).
+    /// Memory budget for chunks in flight and mapped input pages: at least 1MiB, default
+    /// 256MiB (K/M/G and KiB/MiB/GiB suffixes).
     #[arg(long, value_name = "SIZE")]
     budget: Option<String>,
     /// Chunk size in elements (default: derived from --budget).
@@ -239,6 +240,7 @@ fn merge_config(args: &RunArgs, kind: MethodKind, family: &Family) -> anyhow::Re
         tokenizer_source: TokenizerSource::Base,
         rescale: Rescale::L1,
         fisher_normalize: FisherNormalize::None,
+        layer_range: None,
     })
 }
 
@@ -258,12 +260,9 @@ fn run_bench(args: &RunArgs) -> anyhow::Result<()> {
             "--max-tensors writes an incomplete model, so it needs the sink: drop --out".into(),
         ));
     }
-    let budget_bytes = match &args.budget {
-        Some(b) => parse_size(b)?,
-        None => DEFAULT_BUDGET_BYTES,
-    };
+    let budget_bytes = super::parse_budget(args.budget.as_deref())?;
     let engine = EngineOptions {
-        threads: args.threads,
+        threads: super::check_threads(args.threads)?,
         budget_bytes,
         chunk_elems: args.chunk_elems,
         fused: !args.no_fused,

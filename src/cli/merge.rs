@@ -11,7 +11,7 @@ use gradmerge::dtype::Dtype;
 use gradmerge::job::MergeJob;
 use gradmerge::method::{FisherNormalize, MethodKind, Rescale};
 use gradmerge::params::{MergeParams, ParamValue};
-use gradmerge::pipeline::{EngineOptions, Precision, DEFAULT_BUDGET_BYTES};
+use gradmerge::pipeline::{EngineOptions, Precision};
 use gradmerge::plan::{PlanOptions, VocabPolicy};
 use gradmerge::source::IoMode;
 use gradmerge::units::{format_size, parse_size};
@@ -62,7 +62,8 @@ pub struct MergeArgs {
     #[arg(long, value_name = "PATH")]
     base_fisher: Option<PathBuf>,
 
-    /// Weight of each model, in --model order; one value applies to every model.
+    /// Weight of each model: repeat the flag once per --model, in the same order
+    /// (--weight 0.3 --weight 0.7), or give it once for every model.
     #[arg(
         long = "weight",
         visible_alias = "alpha",
@@ -98,7 +99,8 @@ pub struct MergeArgs {
     #[arg(long, short = 'j', value_name = "N")]
     threads: Option<usize>,
 
-    /// Memory budget for chunks in flight and mapped input pages (K/M/G suffixes).
+    /// Memory budget for chunks in flight and mapped input pages: at least 1MiB, default
+    /// 256MiB (K/M/G and KiB/MiB/GiB suffixes).
     #[arg(long, value_name = "SIZE")]
     budget: Option<String>,
 
@@ -247,6 +249,7 @@ fn load_config(args: &MergeArgs) -> anyhow::Result<(MergeConfig, Option<String>)
         tokenizer_source: TokenizerSource::Base,
         rescale: Rescale::L1,
         fisher_normalize: FisherNormalize::None,
+        layer_range: None,
     };
     apply_overrides(args, &mut config)?;
     Ok((config, None))
@@ -333,14 +336,8 @@ fn apply_overrides(args: &MergeArgs, config: &mut MergeConfig) -> anyhow::Result
     Ok(())
 }
 
-/// Largest accepted `--threads`: more threads than this only add memory and start-up time.
-const MAX_THREADS: usize = 1024;
-
 fn engine_options(args: &MergeArgs, config: &MergeConfig) -> anyhow::Result<EngineOptions> {
-    let budget_bytes = match &args.budget {
-        Some(b) => parse_size(b)?,
-        None => DEFAULT_BUDGET_BYTES,
-    };
+    let budget_bytes = super::parse_budget(args.budget.as_deref())?;
     if args.chunk_elems == Some(0) {
         return Err(usage("--chunk-elems must be at least 1".into()));
     }
@@ -354,13 +351,7 @@ fn engine_options(args: &MergeArgs, config: &MergeConfig) -> anyhow::Result<Engi
     let threads = match args.threads {
         None => 0,
         Some(0) => return Err(usage("--threads must be at least 1".into())),
-        Some(n) if n > MAX_THREADS => {
-            return Err(usage(format!(
-                "--threads {n} is more than the limit of {MAX_THREADS}; this machine has {} cores",
-                std::thread::available_parallelism().map_or(1, |n| n.get())
-            )))
-        }
-        Some(n) => n,
+        Some(n) => super::check_threads(n)?,
     };
     Ok(EngineOptions {
         threads,

@@ -37,6 +37,40 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
+/// Largest accepted `--threads`: more threads than this only add memory and start-up time.
+const MAX_THREADS: usize = 1024;
+
+/// Smallest accepted `--budget`, in bytes (1 MiB): below it the engine still needs one
+/// tile per input and chunk, so a smaller number would not be honoured.
+const MIN_BUDGET_BYTES: u64 = 1 << 20;
+
+/// Checks `--threads` (`None` or 0 where 0 means one per core is allowed by the caller).
+fn check_threads(threads: usize) -> anyhow::Result<usize> {
+    if threads > MAX_THREADS {
+        return Err(Error::InvalidParameter(format!(
+            "--threads {threads} is more than the limit of {MAX_THREADS}; this machine has {} cores",
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        ))
+        .into());
+    }
+    Ok(threads)
+}
+
+/// Parses `--budget`, or returns the default.
+fn parse_budget(budget: Option<&str>) -> anyhow::Result<u64> {
+    let Some(text) = budget else {
+        return Ok(gradmerge::pipeline::DEFAULT_BUDGET_BYTES);
+    };
+    let bytes = gradmerge::units::parse_size(text)?;
+    if bytes < MIN_BUDGET_BYTES {
+        return Err(Error::InvalidParameter(format!(
+            "--budget {text} is below the minimum of 1MiB (the default is 256MiB)"
+        ))
+        .into());
+    }
+    Ok(bytes)
+}
+
 /// Exit code for a failed merge or read.
 const EXIT_FAILURE: u8 = 1;
 /// Exit code for a usage error.

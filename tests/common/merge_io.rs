@@ -457,6 +457,7 @@ impl Case {
                 tokenizer_source: TokenizerSource::Base,
                 rescale: Rescale::L1,
                 fisher_normalize: FisherNormalize::None,
+                layer_range: None,
             },
         }
     }

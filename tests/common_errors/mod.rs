@@ -202,6 +202,7 @@ pub fn config(
         tokenizer_source: TokenizerSource::Base,
         rescale: Rescale::L1,
         fisher_normalize: FisherNormalize::None,
+        layer_range: None,
     }
 }
 
