@@ -113,7 +113,8 @@ pub enum Error {
     /// The same tensor name appears in two shards.
     #[error(
         "tensor `{tensor}` appears in both {first} and {second}; \
-         a checkpoint must name each tensor once (remove the stray file)"
+         a checkpoint must name each tensor once (if one of the files belongs to another \
+         checkpoint, move it to its own folder)"
     )]
     DuplicateTensor {
         /// The tensor name.

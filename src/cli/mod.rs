@@ -146,9 +146,11 @@ fn hint(e: &anyhow::Error) -> Option<&'static str> {
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    let broken = Some(std::io::ErrorKind::BrokenPipe);
     e.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+        c.downcast_ref::<std::io::Error>().map(|io| io.kind()) == broken
+            // JSON output wraps the write error.
+            || c.downcast_ref::<serde_json::Error>().and_then(|j| j.io_error_kind()) == broken
     })
 }
 
