@@ -12,7 +12,8 @@ use std::sync::Mutex;
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 static CLEANUP: Mutex<Option<PathBuf>> = Mutex::new(None);
 
-/// Exit code after a second interrupt: 128 + SIGINT, as shells report it.
+/// Exit code after an interrupt, whether the merge stopped cleanly or a second interrupt
+/// forced the exit: 128 + SIGINT, as shells report it.
 pub const FORCED_EXIT_CODE: i32 = 130;
 
 /// Marks the process as interrupted; the running merge stops at its next batch.

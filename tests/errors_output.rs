@@ -295,7 +295,7 @@ fn check_interrupt(signal: libc::c_int) {
     let stderr = stderr_of(&output);
     assert_eq!(
         output.status.code(),
-        Some(EXIT_FAILURE),
+        Some(130),
         "status {:?}, stderr:\n{stderr}",
         output.status
     );
