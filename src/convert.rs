@@ -56,6 +56,8 @@ pub trait Real:
     fn abs(self) -> Self;
     /// True for NaN.
     fn is_nan(self) -> bool;
+    /// True unless NaN or infinite.
+    fn is_finite(self) -> bool;
     /// Decodes `out.len()` elements of `dtype` from little-endian `bytes`.
     fn load(dtype: Dtype, bytes: &[u8], out: &mut [Self]);
     /// Encodes `values` as `dtype` and appends them to `out`. Returns how many encoded
@@ -263,6 +265,10 @@ impl Real for f32 {
     fn is_nan(self) -> bool {
         f32::is_nan(self)
     }
+    #[inline(always)]
+    fn is_finite(self) -> bool {
+        f32::is_finite(self)
+    }
     fn load(dtype: Dtype, bytes: &[u8], out: &mut [Self]) {
         load_f32(dtype, bytes, out)
     }
@@ -293,6 +299,10 @@ impl Real for f64 {
     #[inline(always)]
     fn is_nan(self) -> bool {
         f64::is_nan(self)
+    }
+    #[inline(always)]
+    fn is_finite(self) -> bool {
+        f64::is_finite(self)
     }
     fn load(dtype: Dtype, bytes: &[u8], out: &mut [Self]) {
         if dtype == Dtype::F64 {

@@ -396,6 +396,19 @@ impl<'a> Engine<'a> {
                 s.invalid_fisher,
             )));
         }
+        if s.non_finite_inputs > 0 && !self.options.allow_non_finite {
+            let files: Vec<String> = inputs
+                .views
+                .iter()
+                .map(|v| v.source.path().display().to_string())
+                .collect();
+            return Err(Error::Mismatch(format!(
+                "tensor `{name}`: {} task-vector values are NaN or infinite, because the base or a model holds NaN or infinity there (inputs: {}); {} would drop them without a trace. Fix the checkpoint, or pass --allow-non-finite to merge anyway",
+                s.non_finite_inputs,
+                files.join(", "),
+                self.method.kind
+            )));
+        }
         if s.nonpositive_precision > 0 {
             return Err(Error::NonPositivePrecision {
                 tensor: name.to_string(),

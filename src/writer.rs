@@ -60,7 +60,24 @@ impl OutputDir {
                 detail: "does not name a folder (it ends in `..` or is the root); give the output folder's name".into(),
             });
         }
+        // Resolve `..` and symlinks now: the folders on the way may be renamed later (the
+        // old output is moved aside), and a symlinked destination means its target.
+        let destination = resolve(&destination);
+        if destination.file_name().is_none() {
+            return Err(Error::Destination {
+                path: destination,
+                detail: "is the root folder; give the output folder's name".into(),
+            });
+        }
         check_not_input(&destination, inputs)?;
+        if let Ok(cwd) = std::env::current_dir() {
+            if resolve(&cwd).starts_with(&destination) {
+                return Err(Error::Destination {
+                    path: destination,
+                    detail: "is or contains the current folder, which the merge would replace; run gradmerge from another folder".into(),
+                });
+            }
+        }
         if destination.exists() {
             let empty = destination.is_dir()
                 && fs::read_dir(&destination)
@@ -196,7 +213,12 @@ fn resolve(path: &Path) -> PathBuf {
     out
 }
 
-fn check_not_input(destination: &Path, inputs: &[PathBuf]) -> Result<()> {
+/// Refuses a path that is an input, contains one, or lies inside an input folder, so that
+/// no write can replace an input. Symlinks are resolved on both sides.
+///
+/// # Errors
+/// [`Error::Destination`] naming the input.
+pub fn check_not_input(destination: &Path, inputs: &[PathBuf]) -> Result<()> {
     let dest = resolve(destination);
     for input in inputs {
         let input = resolve(input);

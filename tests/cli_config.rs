@@ -1000,3 +1000,95 @@ fn fisher_without_examples_warns() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(!stderr(&o).contains("fisher.examples"), "{}", stderr(&o));
 }
+
+#[test]
+fn report_path_is_checked_before_the_merge() {
+    let dir = tempfile::tempdir().unwrap();
+    // A private copy of an input model, so that a wrong write would show.
+    let model = dir.path().join("code");
+    std::fs::create_dir(&model).unwrap();
+    for f in ["model.safetensors", "config.json"] {
+        std::fs::copy(data("gpt2-tiny/bf16/code").join(f), model.join(f)).unwrap();
+    }
+    let original = std::fs::read(model.join("model.safetensors")).unwrap();
+    let out = dir.path().join("out");
+    let merge = |report: &Path| {
+        gradmerge(&[
+            "merge",
+            "--method",
+            "task_arithmetic",
+            "--base",
+            data("gpt2-tiny/bf16/base").to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "-q",
+            "--report",
+            report.to_str().unwrap(),
+        ])
+    };
+
+    // Into an input: refused, and the input is untouched.
+    let o = merge(&model.join("model.safetensors"));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--report"), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(model.join("model.safetensors")).unwrap(),
+        original
+    );
+    assert!(!out.exists());
+
+    // A folder: refused before merging.
+    let o = merge(dir.path());
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("is a folder"), "{}", stderr(&o));
+    assert!(!out.exists());
+
+    // Inside the output folder, which the merge creates: accepted.
+    let o = merge(&out.join("report.json"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(out.join("report.json").is_file());
+}
+
+#[test]
+fn output_cannot_replace_the_current_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    std::fs::write(sub.join("keep.txt"), "mine").unwrap();
+    for out in ["../sub", "."] {
+        let o = Command::new(env!("CARGO_BIN_EXE_gradmerge"))
+            .args([
+                "merge",
+                "--method",
+                "task_arithmetic",
+                "--base",
+                data("gpt2-tiny/bf16/base").to_str().unwrap(),
+                "--model",
+                data("gpt2-tiny/bf16/code").to_str().unwrap(),
+                "--out",
+                out,
+                "--force",
+                "-q",
+            ])
+            .current_dir(&sub)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1), "{out}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("current folder"),
+            "{out}: {}",
+            stderr(&o)
+        );
+        assert_eq!(
+            std::fs::read_to_string(sub.join("keep.txt")).unwrap(),
+            "mine"
+        );
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["sub"], "{out}: leftovers {names:?}");
+    }
+}

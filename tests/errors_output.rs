@@ -375,6 +375,52 @@ fn nan_output_names_tensor() {
 }
 
 #[test]
+fn nan_input_stops_sparse_methods() {
+    // TIES and DARE would drop a NaN task-vector value (its sign agrees with nothing), so
+    // the output would look finite: the merge must stop instead.
+    let dir = TempDir::new().unwrap();
+    let tensor = |name: &str, values: &[f32]| f32_tensor(name, &[4], values);
+    let base = write_model(
+        &dir.path().join("base.safetensors"),
+        &[tensor("w", &[0.0, 0.0, 0.0, 0.0])],
+    );
+    let a = write_model(
+        &dir.path().join("a.safetensors"),
+        &[tensor("w", &[1.0, f32::NAN, 1.0, 1.0])],
+    );
+    let b = write_model(
+        &dir.path().join("b.safetensors"),
+        &[tensor("w", &[1.0, 2.0, 1.0, 1.0])],
+    );
+    for kind in [
+        MethodKind::Ties,
+        MethodKind::DareTies,
+        MethodKind::Breadcrumbs,
+    ] {
+        let mut cfg = config(kind, Some(&base), &[&a, &b], &[]);
+        set_global(&mut cfg, "density", 1.0);
+        let out = dir.path().join(format!("out-{kind}"));
+        let err = merge_lib_error(cfg.clone(), &out);
+        let text = err.to_string();
+        assert!(
+            matches!(err, Error::Mismatch(_))
+                && text.contains("tensor `w`: 1 task-vector values are NaN or infinite")
+                && text.contains("--allow-non-finite"),
+            "{kind}: {err:?}"
+        );
+        assert_no_output(&out);
+
+        let mut job = MergeJob::open(cfg, IoMode::Mmap, PlanOptions::default()).unwrap();
+        let engine = EngineOptions {
+            allow_non_finite: true,
+            ..EngineOptions::default()
+        };
+        job.run(Some((&out, false)), &engine, None, &[])
+            .unwrap_or_else(|e| panic!("{kind} with --allow-non-finite: {e}"));
+    }
+}
+
+#[test]
 fn f16_overflow_names_tensor() {
     let dir = TempDir::new().unwrap();
     let model = |big: f32| {

@@ -156,6 +156,55 @@ enum PrecisionArg {
     F64,
 }
 
+/// Returns a YAML comment holding this process's command line, so that the saved
+/// configuration shows every flag the merge ran with.
+fn command_line_comment() -> String {
+    let words: Vec<String> = std::env::args()
+        .skip(1)
+        .map(|a| {
+            let plain = !a.is_empty()
+                && a.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
+            if plain {
+                a
+            } else {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            }
+        })
+        .collect();
+    format!(
+        "\n# Written by gradmerge {} with the command line:\n#   gradmerge {}\n",
+        env!("CARGO_PKG_VERSION"),
+        words.join(" ").replace('\n', " ")
+    )
+}
+
+/// Checks `--report` before any work: not a folder, and in an existing folder or in the
+/// output folder (written after the merge).
+fn check_report_path(report: &Path, out: Option<&Path>) -> anyhow::Result<()> {
+    if report.is_dir() {
+        return Err(usage(format!(
+            "--report {} is a folder; give a file name such as {}",
+            report.display(),
+            report.join("report.json").display()
+        )));
+    }
+    let parent = report
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let in_output =
+        out.is_some_and(|o| std::path::absolute(o).ok() == std::path::absolute(parent).ok());
+    if !parent.is_dir() && !in_output {
+        return Err(usage(format!(
+            "--report {}: the folder {} does not exist",
+            report.display(),
+            parent.display()
+        )));
+    }
+    Ok(())
+}
+
 fn usage(msg: String) -> anyhow::Error {
     Error::InvalidParameter(msg).into()
 }
@@ -166,10 +215,17 @@ fn load_config(args: &MergeArgs) -> anyhow::Result<(MergeConfig, Option<String>)
         let flag_inputs = args.method.is_some()
             || args.base.is_some()
             || !args.models.is_empty()
-            || !args.fishers.is_empty();
+            || !args.fishers.is_empty()
+            || args.base_fisher.is_some();
         if flag_inputs {
             return Err(usage(format!(
-                "{}: give the merge either as a configuration file or as --method/--base/--model flags, not both",
+                "{}: give the merge either as a configuration file or as --method/--base/--model/--fisher flags, not both",
+                path.display()
+            )));
+        }
+        if !args.weights.is_empty() {
+            return Err(usage(format!(
+                "{}: --weight applies to --model flags; with a configuration file set `weight` in it, or pass -p weight=W for every model",
                 path.display()
             )));
         }
@@ -377,16 +433,12 @@ pub fn run(args: &MergeArgs, quiet: bool) -> anyhow::Result<()> {
     };
     let engine = engine_options(args, &config)?;
     if let Some(report) = &args.report {
-        let parent = report
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        if !parent.is_dir() {
-            return Err(usage(format!(
-                "--report {}: the folder {} does not exist",
-                report.display(),
-                parent.display()
-            )));
+        check_report_path(report, args.out.as_deref())?;
+        if args.dry_run {
+            log::warn!(
+                "--dry-run merges nothing, so --report {} is not written",
+                report.display()
+            );
         }
     }
     log::info!(
@@ -413,13 +465,20 @@ pub fn run(args: &MergeArgs, quiet: bool) -> anyhow::Result<()> {
     for note in &job.plan.notes {
         log::warn!("{note}");
     }
+    if let Some(report) = &args.report {
+        gradmerge::writer::check_not_input(report, &job.input_paths())
+            .map_err(|e| usage(format!("--report: {e}")))?;
+    }
 
     if args.dry_run {
         report::print_plan(&job, &engine, args.out.as_deref())?;
         return Ok(());
     }
 
-    let resolved = report::resolved_config_yaml(&job, yaml.as_deref());
+    let mut resolved = report::resolved_config_yaml(&job, yaml.as_deref());
+    // Flags that changed the merge are not all expressible in the YAML (precision,
+    // vocabulary policy, overrides of a configuration file), so record the command line.
+    resolved.push_str(&command_line_comment());
     let card = report::model_card(&job);
     let extra = [
         ("gradmerge_config.yml", resolved.into_bytes()),

@@ -233,9 +233,22 @@ impl Mask {
 }
 
 /// Writes `w * tau` where the mask keeps an element and 0 elsewhere, and returns the
-/// number kept. The mask is decided on the f32 task vector in both precisions.
+/// number kept and the number of task-vector elements that are NaN or infinite. The mask
+/// is decided on the f32 task vector in both precisions.
 #[inline(always)]
-fn sparsify<A: Real>(mask: Mask, w: A, x: &[A], base: &[A], start: u64, out: &mut [A]) -> u64 {
+fn sparsify<A: Real>(
+    mask: Mask,
+    w: A,
+    x: &[A],
+    base: &[A],
+    start: u64,
+    out: &mut [A],
+) -> (u64, u64) {
+    let mut non_finite = 0u32;
+    for (&x, &b) in x.iter().zip(base) {
+        // NaN or infinite when either input is.
+        non_finite += !(x - b).is_finite() as u32;
+    }
     let mut kept = 0u64;
     match mask {
         Mask::Magnitude { keep, drop } => {
@@ -264,7 +277,7 @@ fn sparsify<A: Real>(mask: Mask, w: A, x: &[A], base: &[A], start: u64, out: &mu
             }
         }
     }
-    kept
+    (kept, u64::from(non_finite))
 }
 
 /// The shared kernel of TIES, DARE and breadcrumbs.
@@ -293,7 +306,9 @@ impl Sparse {
         for m in 0..models {
             let w = A::from_f64(self.weights[m] * self.rescales[m]);
             let row = &mut weighted[m * n..(m + 1) * n];
-            stats.kept += sparsify(self.masks[m], w, inputs[1 + m], base, start, row);
+            let (kept, non_finite) = sparsify(self.masks[m], w, inputs[1 + m], base, start, row);
+            stats.kept += kept;
+            stats.non_finite_inputs += non_finite;
         }
         stats.considered += (n * models) as u64;
         for row in weighted.chunks_exact(n) {

@@ -233,6 +233,9 @@ pub struct KernelStats {
     pub invalid_fisher: u64,
     /// gradmatch elements where the merged precision is <= 0.
     pub nonpositive_precision: u64,
+    /// Task-vector elements that are NaN or infinite where a sparsifying method (TIES,
+    /// DARE, breadcrumbs) would drop them instead of carrying them into the output.
+    pub non_finite_inputs: u64,
 }
 
 impl KernelStats {
@@ -242,6 +245,7 @@ impl KernelStats {
         self.considered += other.considered;
         self.invalid_fisher += other.invalid_fisher;
         self.nonpositive_precision += other.nonpositive_precision;
+        self.non_finite_inputs += other.non_finite_inputs;
     }
 }
 
