@@ -823,7 +823,7 @@ fn tokenizer_source_is_protected() {
         "--force",
         "-q",
     ]);
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("write the output somewhere else"),
         "{}",
@@ -915,7 +915,7 @@ fn parent_folder_output_rejected() {
         sub.join("..").to_str().unwrap(),
         "--force",
     ]);
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("does not name a folder"),
         "{}",
@@ -1075,7 +1075,7 @@ fn output_cannot_replace_the_current_folder() {
             .current_dir(&sub)
             .output()
             .unwrap();
-        assert_eq!(o.status.code(), Some(1), "{out}: {}", stderr(&o));
+        assert_eq!(o.status.code(), Some(2), "{out}: {}", stderr(&o));
         assert!(
             stderr(&o).contains("current folder"),
             "{out}: {}",

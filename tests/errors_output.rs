@@ -51,7 +51,7 @@ fn destination_inside_input_folder() {
     assert!(detail.contains(folder.to_str().unwrap()), "{detail}");
 
     let output = run(merge_args("linear", None, &[&folder, &other], &out));
-    let stderr = expect_exit(&output, EXIT_FAILURE);
+    let stderr = expect_exit(&output, EXIT_USAGE);
     assert!(stderr.contains("lies inside the input"), "{stderr}");
     assert_no_output(&out);
 }
@@ -65,7 +65,7 @@ fn destination_containing_input() {
     // Even with --force, the folder holding the inputs is never replaced.
     let mut args = merge_args("linear", None, &[&a, &b], &folder);
     args.push("--force".into());
-    let stderr = expect_exit(&run(&args), EXIT_FAILURE);
+    let stderr = expect_exit(&run(&args), EXIT_USAGE);
     assert!(stderr.contains("lies inside the input"), "{stderr}");
     assert!(a.is_file(), "input {} was removed", a.display());
     assert!(b.is_file(), "input {} was removed", b.display());
@@ -88,7 +88,7 @@ fn destination_exists_without_force() {
 
     let stderr = expect_exit(
         &run(merge_args("linear", None, &[&a, &b], &out)),
-        EXIT_FAILURE,
+        EXIT_USAGE,
     );
     assert!(stderr.contains(out.to_str().unwrap()), "{stderr}");
     assert!(stderr.contains("not empty"), "{stderr}");
@@ -139,7 +139,7 @@ fn destination_is_a_file() {
 
     let mut args = merge_args("linear", None, &[&a, &b], &out);
     args.push("--force".into());
-    let stderr = expect_exit(&run(&args), EXIT_FAILURE);
+    let stderr = expect_exit(&run(&args), EXIT_USAGE);
     assert!(stderr.contains("not a folder"), "{stderr}");
     assert_eq!(fs::read_to_string(&out).unwrap(), "not a folder");
     assert_no_temp(&out);

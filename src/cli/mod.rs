@@ -124,7 +124,8 @@ pub fn main() -> ExitCode {
 
 fn exit_code(e: &anyhow::Error) -> u8 {
     match e.downcast_ref::<Error>() {
-        Some(Error::InvalidParameter(_)) => EXIT_USAGE,
+        // A rejected --out is the user's choice of flags, like a bad parameter.
+        Some(Error::InvalidParameter(_) | Error::Destination { .. }) => EXIT_USAGE,
         Some(Error::Interrupted) => gradmerge::interrupt::FORCED_EXIT_CODE as u8,
         _ => EXIT_FAILURE,
     }
