@@ -56,8 +56,20 @@ impl Checkpoint {
                 Error::io("stat", path, e)
             }
         })?;
+        let is_index = path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().ends_with(".index.json"));
         let (folder, sources) = if meta.is_dir() {
             (Some(path.to_path_buf()), open_folder(path, mode)?)
+        } else if is_index {
+            return Err(Error::Unsupported(format!(
+                "{} is a shard index, not a checkpoint file; pass the folder that holds it ({})",
+                path.display(),
+                path.parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."))
+                    .display()
+            )));
         } else {
             let folder = path.parent().map(Path::to_path_buf);
             (folder, vec![Source::open(path, mode)?])

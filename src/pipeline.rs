@@ -239,6 +239,14 @@ impl<'a> Engine<'a> {
         let derived = (options.budget_bytes / (in_flight * per_elem))
             .clamp(TILE_ELEMS as u64, MAX_CHUNK_ELEMS);
         let chunk_elems = options.chunk_elems.unwrap_or(derived).max(1);
+        let in_flight_bytes = chunk_elems.saturating_mul(in_flight * per_elem);
+        if options.chunk_elems.is_some() && in_flight_bytes > options.budget_bytes {
+            log::warn!(
+                "chunks of {chunk_elems} elements can keep up to {} MiB in flight, more than the {} MiB budget; memory follows --chunk-elems",
+                in_flight_bytes >> 20,
+                options.budget_bytes >> 20
+            );
+        }
         let num_layers = plan.num_layers();
         Engine {
             plan,

@@ -1092,3 +1092,20 @@ fn output_cannot_replace_the_current_folder() {
         assert_eq!(names, ["sub"], "{out}: leftovers {names:?}");
     }
 }
+
+#[test]
+fn index_file_and_hub_id_get_advice() {
+    let o = gradmerge(&[
+        "inspect",
+        "tests/data/gpt2-tiny/bf16-sharded/base/model.safetensors.index.json",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("is a shard index, not a checkpoint file; pass the folder"),
+        "{}",
+        stderr(&o)
+    );
+    let o = gradmerge(&["inspect", "some-org/some-model"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("never downloads"), "{}", stderr(&o));
+}

@@ -134,6 +134,10 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 /// Returns advice for failures whose fix the error itself does not name.
 fn hint(e: &anyhow::Error) -> Option<&'static str> {
     if let Some(Error::NotFound { path }) = e.downcast_ref::<Error>() {
+        // `org/name` is how the Hugging Face Hub names models.
+        if path.is_relative() && path.components().count() == 2 {
+            return Some("gradmerge reads local folders only and never downloads; if this is a Hugging Face Hub id, download the model first (for example `huggingface-cli download ORG/NAME --local-dir NAME`) and pass that folder");
+        }
         if path.is_relative() {
             return Some("relative model paths are resolved against the current directory, as in mergekit; run from the folder the paths start in, or use absolute paths");
         }
