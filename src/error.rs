@@ -148,8 +148,9 @@ pub enum Error {
 
     /// Merged values are NaN or overflow the output dtype.
     #[error(
-        "tensor `{tensor}`: {count} merged values are NaN or overflow {dtype}; \
-         check the weights and inputs, use a wider --out-dtype, or pass --allow-non-finite"
+        "tensor `{tensor}`: {count} merged {} NaN or overflow {dtype}; \
+         check the weights and inputs, use a wider --out-dtype, or pass --allow-non-finite",
+        crate::units::plural(*.count, "value is", "values are")
     )]
     NonFinite {
         /// The tensor name.

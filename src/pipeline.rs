@@ -400,8 +400,9 @@ impl<'a> Engine<'a> {
                 None => "they were not found again on a second read; is a file changing?".into(),
             };
             return Err(Error::Mismatch(format!(
-                "tensor `{name}`: {} Fisher values are negative, NaN or infinite; {location}. Fisher estimates must be finite and >= 0: fix or regenerate that Fisher file",
+                "tensor `{name}`: {} Fisher {} negative, NaN or infinite; {location}. Fisher estimates must be finite and >= 0: fix or regenerate that Fisher file",
                 s.invalid_fisher,
+                crate::units::plural(s.invalid_fisher, "value is", "values are"),
             )));
         }
         if s.non_finite_inputs > 0 && !self.options.allow_non_finite {
@@ -411,8 +412,9 @@ impl<'a> Engine<'a> {
                 .map(|v| v.source.path().display().to_string())
                 .collect();
             return Err(Error::Mismatch(format!(
-                "tensor `{name}`: {} task-vector values are NaN or infinite, because the base or a model holds NaN or infinity there (inputs: {}); {} would drop them without a trace. Fix the checkpoint, or pass --allow-non-finite to merge anyway",
+                "tensor `{name}`: {} task-vector {} NaN or infinite, because the base or a model holds NaN or infinity there (inputs: {}); {} would drop such values without a trace. Fix the checkpoint, or pass --allow-non-finite to merge anyway",
                 s.non_finite_inputs,
+                crate::units::plural(s.non_finite_inputs, "value is", "values are"),
                 files.join(", "),
                 self.method.kind
             )));

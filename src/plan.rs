@@ -280,10 +280,20 @@ impl Plan {
                     VocabPolicy::Fill => rows.iter().copied().max().unwrap_or(shape[0]),
                     _ => shape[0],
                 };
+                // `rows` starts with the reference, which is also the base when there is
+                // one: name each checkpoint once.
+                let per_input: Vec<String> = std::iter::once(reference)
+                    .chain(&inputs.models)
+                    .filter_map(|c| lookup(c, name).map(|v| (c, v)))
+                    .map(|(c, v)| format!("{} in {}", v.info.shape[0], c.path().display()))
+                    .collect();
+                let policy = match options.vocab_policy {
+                    VocabPolicy::Fill => "fill",
+                    _ => "base",
+                };
                 notes.push(format!(
-                    "`{name}` has {} rows in the inputs; {out_rows} rows are written ({:?} vocabulary policy)",
-                    rows.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", "),
-                    options.vocab_policy
+                    "`{name}` has {} rows; {out_rows} rows are written (--vocab-policy {policy})",
+                    per_input.join(", ")
                 ));
                 shape[0] = out_rows;
                 resized = true;

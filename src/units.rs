@@ -2,6 +2,15 @@
 
 use crate::error::{Error, Result};
 
+/// Returns `one` when `n` is 1 and `many` otherwise, for messages that count things.
+pub fn plural(n: u64, one: &'static str, many: &'static str) -> &'static str {
+    if n == 1 {
+        one
+    } else {
+        many
+    }
+}
+
 /// Parses a size in bytes: a number with an optional suffix `K`, `M`, `G` or `T` (powers
 /// of 1000, as Hugging Face's `max_shard_size` uses), or `KiB`, `MiB`, `GiB`, `TiB`
 /// (powers of 1024). A trailing `B` is allowed (`5GB`). Case-insensitive.

@@ -1109,3 +1109,38 @@ fn index_file_and_hub_id_get_advice() {
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("never downloads"), "{}", stderr(&o));
 }
+
+#[test]
+fn output_as_second_argument_like_mergekit() {
+    let dir = tempfile::tempdir().unwrap();
+    let positional = dir.path().join("positional");
+    let flag = dir.path().join("flag");
+    let o = gradmerge(&[
+        "merge",
+        "examples/task_arithmetic_gpt2.yml",
+        positional.to_str().unwrap(),
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = gradmerge(&[
+        "merge",
+        "examples/task_arithmetic_gpt2.yml",
+        "--out",
+        flag.to_str().unwrap(),
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(positional.join("model.safetensors")).unwrap(),
+        std::fs::read(flag.join("model.safetensors")).unwrap()
+    );
+    // Both at once is ambiguous.
+    let o = gradmerge(&[
+        "merge",
+        "examples/task_arithmetic_gpt2.yml",
+        positional.to_str().unwrap(),
+        "--out",
+        flag.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}

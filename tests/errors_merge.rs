@@ -420,7 +420,7 @@ fn check_invalid_fisher_value(bad: f32) {
         &err,
         &[
             "tensor `layer.bias`",
-            "1 Fisher values",
+            "1 Fisher value is",
             "negative, NaN or infinite",
             &format!("the first is {bad} at element 1 of {}", f2.display()),
         ],

@@ -404,7 +404,7 @@ fn nan_input_stops_sparse_methods() {
         let text = err.to_string();
         assert!(
             matches!(err, Error::Mismatch(_))
-                && text.contains("tensor `w`: 1 task-vector values are NaN or infinite")
+                && text.contains("tensor `w`: 1 task-vector value is NaN or infinite")
                 && text.contains("--allow-non-finite"),
             "{kind}: {err:?}"
         );

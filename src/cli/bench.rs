@@ -129,10 +129,12 @@ enum Baseline {
     Copy,
 }
 
-pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+/// Runs a bench subcommand; `quiet` drops the summary line (`--json` output stays, as it
+/// is the result).
+pub fn run(args: &BenchArgs, quiet: bool) -> anyhow::Result<()> {
     match &args.command {
-        BenchCommand::Generate(a) => generate(a),
-        BenchCommand::Run(a) => run_bench(a),
+        BenchCommand::Generate(a) => generate(a, quiet),
+        BenchCommand::Run(a) => run_bench(a, quiet),
     }
 }
 
@@ -140,7 +142,7 @@ fn usage(msg: String) -> anyhow::Error {
     Error::InvalidParameter(msg).into()
 }
 
-fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
+fn generate(args: &GenerateArgs, quiet: bool) -> anyhow::Result<()> {
     let preset: Preset = args.preset.parse()?;
     let dtype = Dtype::parse_float_name(&args.dtype)
         .filter(|d| matches!(d, Dtype::BF16 | Dtype::F16 | Dtype::F32))
@@ -156,6 +158,9 @@ fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     synth::generate(&args.out, &options)?;
     let checkpoints = 1 + options.models * (1 + options.fishers as usize);
+    if quiet {
+        return Ok(());
+    }
     eprintln!(
         "wrote {} checkpoints of {} ({} parameters, {}{}) to {} in {:.1} s",
         checkpoints,
@@ -254,7 +259,7 @@ struct Measured {
     tensors: usize,
 }
 
-fn run_bench(args: &RunArgs) -> anyhow::Result<()> {
+fn run_bench(args: &RunArgs, quiet: bool) -> anyhow::Result<()> {
     let kind: MethodKind = args.method.parse()?;
     let family = open_family(args, kind)?;
     if args.max_tensors.is_some() && args.out.is_some() {
@@ -323,7 +328,7 @@ fn run_bench(args: &RunArgs) -> anyhow::Result<()> {
             "peak_anon_rss_bytes": peak_anon,
         });
         println!("{line}");
-    } else {
+    } else if !quiet {
         eprintln!(
             "{name}: {} tensors, read {}, wrote {} in {secs:.3} s ({:.2} GB/s read); peak RSS {}, peak anonymous RSS {}",
             measured.tensors,

@@ -25,9 +25,14 @@ pub struct MergeArgs {
     /// A mergekit-style YAML configuration. Without it, the merge comes from the flags.
     config: Option<PathBuf>,
 
+    /// Output folder as a second argument after the configuration, as in
+    /// `mergekit-yaml CONFIG OUT`; the same as --out.
+    #[arg(value_name = "OUT", conflicts_with = "out", requires = "config")]
+    out_path: Option<PathBuf>,
+
     /// Output folder (Hugging Face layout). Written atomically: a temporary folder beside
     /// it is renamed into place only when everything is written and synced.
-    #[arg(short, long, required_unless_present_any = ["dry_run", "sink"])]
+    #[arg(short, long, required_unless_present_any = ["dry_run", "sink", "out_path"])]
     out: Option<PathBuf>,
 
     /// Replace an existing, non-empty output folder.
@@ -203,6 +208,13 @@ fn check_report_path(report: &Path, out: Option<&Path>) -> anyhow::Result<()> {
         )));
     }
     Ok(())
+}
+
+impl MergeArgs {
+    /// The output folder, from --out or the positional OUT.
+    fn output(&self) -> Option<&Path> {
+        self.out.as_deref().or(self.out_path.as_deref())
+    }
 }
 
 fn usage(msg: String) -> anyhow::Error {
@@ -433,7 +445,7 @@ pub fn run(args: &MergeArgs, quiet: bool) -> anyhow::Result<()> {
     };
     let engine = engine_options(args, &config)?;
     if let Some(report) = &args.report {
-        check_report_path(report, args.out.as_deref())?;
+        check_report_path(report, args.output())?;
         if args.dry_run {
             log::warn!(
                 "--dry-run merges nothing, so --report {} is not written",
@@ -471,7 +483,7 @@ pub fn run(args: &MergeArgs, quiet: bool) -> anyhow::Result<()> {
     }
 
     if args.dry_run {
-        report::print_plan(&job, &engine, args.out.as_deref())?;
+        report::print_plan(&job, &engine, args.output())?;
         return Ok(());
     }
 
@@ -490,10 +502,10 @@ pub fn run(args: &MergeArgs, quiet: bool) -> anyhow::Result<()> {
         bar.set_message(format!("{done}/{tensor_count} tensors"));
         bar.set_position(bytes);
     };
-    let out = args.out.as_deref().map(|o| (o, args.force));
+    let out = args.output().map(|o| (o, args.force));
     let summary = job
         .run(out, &engine, Some(&progress), &extra)
-        .with_context(|| match &args.out {
+        .with_context(|| match args.output() {
             Some(o) => format!(
                 "merge into {} failed; nothing was written there",
                 o.display()
@@ -517,8 +529,7 @@ pub fn run(args: &MergeArgs, quiet: bool) -> anyhow::Result<()> {
             summary.bytes_read as f64 / secs / 1e9,
             peak.map(|p| format_size(p.peak_rss_bytes))
                 .unwrap_or_else(|| "unknown".into()),
-            args.out
-                .as_ref()
+            args.output()
                 .map(|o| format!(" -> {}", o.display()))
                 .unwrap_or_default()
         );

@@ -92,7 +92,7 @@ pub fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Merge(args) => merge::run(args, cli.quiet),
         Command::Inspect(args) => inspect::run(args),
-        Command::Bench(args) => bench::run(args),
+        Command::Bench(args) => bench::run(args, cli.quiet),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
