@@ -291,6 +291,7 @@ struct Sparse {
 }
 
 impl Sparse {
+    #[inline(always)]
     fn apply<A: Real>(&self, start: u64, inputs: &[&[A]], out: &mut [A], stats: &mut KernelStats) {
         let base = inputs[0];
         let n = out.len();
