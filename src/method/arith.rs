@@ -35,6 +35,7 @@ struct Linear {
 }
 
 impl Linear {
+    #[inline(always)]
     fn apply<A: Real>(&self, _start: u64, inputs: &[&[A]], out: &mut [A], _s: &mut KernelStats) {
         out.fill(A::ZERO);
         for (x, &w) in inputs.iter().zip(&self.weights) {
@@ -101,6 +102,7 @@ struct TaskArithmetic {
 }
 
 impl TaskArithmetic {
+    #[inline(always)]
     fn apply<A: Real>(&self, _start: u64, inputs: &[&[A]], out: &mut [A], _s: &mut KernelStats) {
         let base = inputs[0];
         out.fill(A::ZERO);

@@ -20,6 +20,7 @@ struct TwoPoint {
 }
 
 impl TwoPoint {
+    #[inline(always)]
     fn apply<A: Real>(&self, _start: u64, inputs: &[&[A]], out: &mut [A], _s: &mut KernelStats) {
         let (a, b) = (A::from_f64(self.a), A::from_f64(self.b));
         for ((o, &x0), &x1) in out.iter_mut().zip(inputs[0]).zip(inputs[1]) {
@@ -86,6 +87,7 @@ struct ModelStock {
 }
 
 impl ModelStock {
+    #[inline(always)]
     fn apply<A: Real>(&self, start: u64, inputs: &[&[A]], out: &mut [A], _s: &mut KernelStats) {
         let models = inputs.len() - 1;
         let inv = A::from_f64(1.0 / models as f64);

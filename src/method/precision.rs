@@ -43,6 +43,7 @@ struct Fisher {
 }
 
 impl Fisher {
+    #[inline(always)]
     fn apply<A: Real>(&self, _start: u64, inputs: &[&[A]], out: &mut [A], stats: &mut KernelStats) {
         let n = out.len();
         let mut numerator = vec![A::ZERO; n];
