@@ -426,6 +426,17 @@ impl<'a> Engine<'a> {
             });
         }
         if report.non_finite > 0 && !self.options.allow_non_finite {
+            // An input that holds NaN or infinity is the usual cause; name it.
+            if let Some((view, index, value)) =
+                first_value(&inputs.views, inputs.elems, |x| !x.is_finite())?
+            {
+                return Err(Error::Mismatch(format!(
+                    "tensor `{name}`: {} merged {} NaN or infinite, because {} holds {value} at element {index}; fix that checkpoint, or pass --allow-non-finite to write such values",
+                    report.non_finite,
+                    crate::units::plural(report.non_finite, "value is", "values are"),
+                    inputs.views[view].source.path().display()
+                )));
+            }
             let dtype = self
                 .plan
                 .tensors
@@ -579,10 +590,20 @@ fn run_tiles<A: Real>(
 }
 
 /// Finds the first Fisher value that is negative, NaN or infinite: (position in `views`,
-/// element index, value). Reads each view again in blocks, on the error path only.
+/// element index, value).
 fn first_invalid_fisher(
     views: &[crate::view::TensorView<'_>],
     elems: u64,
+) -> Result<Option<(usize, u64, f32)>> {
+    first_value(views, elems, |f| !(f >= 0.0 && f.is_finite()))
+}
+
+/// Finds the first value for which `bad` holds: (position in `views`, element index,
+/// value). Reads each view again in blocks, on the error path only.
+fn first_value(
+    views: &[crate::view::TensorView<'_>],
+    elems: u64,
+    bad: impl Fn(f32) -> bool,
 ) -> Result<Option<(usize, u64, f32)>> {
     const STEP: u64 = 1 << 20;
     for (i, view) in views.iter().enumerate() {
@@ -595,7 +616,7 @@ fn first_invalid_fisher(
                 if found.is_none() {
                     found = tiles[0]
                         .iter()
-                        .position(|&f| !(f >= 0.0 && f.is_finite()))
+                        .position(|&f| bad(f))
                         .map(|j| (tile_start + j as u64, tiles[0][j]));
                 }
             })?;

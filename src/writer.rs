@@ -60,6 +60,20 @@ impl OutputDir {
                 detail: "does not name a folder (it ends in `..` or is the root); give the output folder's name".into(),
             });
         }
+        let dangling = destination
+            .symlink_metadata()
+            .is_ok_and(|m| m.file_type().is_symlink())
+            && !destination.exists();
+        if dangling {
+            let target = fs::read_link(&destination).unwrap_or_default();
+            return Err(Error::Destination {
+                path: destination,
+                detail: format!(
+                    "is a symbolic link to {}, which does not exist; create that folder or remove the link",
+                    target.display()
+                ),
+            });
+        }
         // Resolve `..` and symlinks now: the folders on the way may be renamed later (the
         // old output is moved aside), and a symlinked destination means its target.
         let destination = resolve(&destination);

@@ -1144,3 +1144,81 @@ fn output_as_second_argument_like_mergekit() {
     ]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
 }
+
+#[test]
+fn report_and_output_spare_the_configuration_and_merged_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_dir = dir.path().join("cfg");
+    std::fs::create_dir(&cfg_dir).unwrap();
+    let config = cfg_dir.join("ta.yml");
+    let yaml = std::fs::read_to_string("examples/task_arithmetic_gpt2.yml")
+        .unwrap()
+        .replace(
+            "tests/data",
+            data("").to_str().unwrap().trim_end_matches('/'),
+        );
+    std::fs::write(&config, &yaml).unwrap();
+    let out = dir.path().join("out");
+    let merge = |extra: &[&str]| {
+        let mut args = vec!["merge", config.to_str().unwrap(), "-q"];
+        args.extend_from_slice(extra);
+        gradmerge(&args)
+    };
+    let out_s = out.to_str().unwrap();
+    let cases: [(Vec<String>, &str); 4] = [
+        (
+            vec![
+                "--out".into(),
+                out_s.into(),
+                "--report".into(),
+                config.display().to_string(),
+            ],
+            "--report",
+        ),
+        (
+            vec![
+                "--out".into(),
+                out_s.into(),
+                "--report".into(),
+                out.join("model.safetensors").display().to_string(),
+            ],
+            "writes a file of that name",
+        ),
+        (
+            vec![
+                "--out".into(),
+                out_s.into(),
+                "--report".into(),
+                out_s.into(),
+            ],
+            "is the output folder",
+        ),
+        (
+            vec![
+                "--out".into(),
+                cfg_dir.display().to_string(),
+                "--force".into(),
+            ],
+            "write the output somewhere else",
+        ),
+    ];
+    for (args, expected) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = merge(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(expected), "{args:?}: {}", stderr(&o));
+        assert_eq!(std::fs::read_to_string(&config).unwrap(), yaml, "{args:?}");
+        assert!(!out.exists(), "{args:?}");
+    }
+
+    // A symbolic link to nothing is refused with a fix.
+    let link = dir.path().join("dangling");
+    std::os::unix::fs::symlink(dir.path().join("nowhere"), &link).unwrap();
+    let o = merge(&["--out", link.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("does not exist; create that folder"),
+        "{}",
+        stderr(&o)
+    );
+}

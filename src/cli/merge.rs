@@ -198,13 +198,57 @@ fn check_report_path(report: &Path, out: Option<&Path>) -> anyhow::Result<()> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let in_output =
-        out.is_some_and(|o| std::path::absolute(o).ok() == std::path::absolute(parent).ok());
+    let same = |a: &Path, b: &Path| std::path::absolute(a).ok() == std::path::absolute(b).ok();
+    if out.is_some_and(|o| same(o, report)) {
+        return Err(usage(format!(
+            "--report {} is the output folder; give a file name such as {}",
+            report.display(),
+            report.join("report.json").display()
+        )));
+    }
+    let in_output = out.is_some_and(|o| same(o, parent));
     if !parent.is_dir() && !in_output {
         return Err(usage(format!(
             "--report {}: the folder {} does not exist",
             report.display(),
             parent.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a report inside the output folder whose name a merged file takes: the shards,
+/// the index, the side files and the files gradmerge adds.
+fn check_report_name(report: &Path, out: Option<&Path>, job: &MergeJob) -> anyhow::Result<()> {
+    let Some(out) = out else { return Ok(()) };
+    let parent = report
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if std::path::absolute(parent).ok() != std::path::absolute(out).ok() {
+        return Ok(());
+    }
+    let name = report
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let taken = job.plan.shards.iter().any(|s| s.file_name == name)
+        || name.ends_with(".safetensors")
+        || name.ends_with(".index.json")
+        || name.starts_with("tokenizer")
+        || [
+            "config.json",
+            "generation_config.json",
+            "special_tokens_map.json",
+            "README.md",
+            "gradmerge_config.yml",
+        ]
+        .contains(&name.as_str());
+    if taken {
+        return Err(usage(format!(
+            "--report {}: the merge writes a file of that name into {}; choose another name, such as report.json",
+            report.display(),
+            out.display()
         )));
     }
     Ok(())
@@ -477,9 +521,17 @@ pub fn run(args: &MergeArgs, quiet: bool) -> anyhow::Result<()> {
     for note in &job.plan.notes {
         log::warn!("{note}");
     }
+    // The configuration file is an input too: neither the report nor the output may
+    // replace it.
+    let mut protected = job.input_paths();
+    protected.extend(args.config.iter().cloned());
     if let Some(report) = &args.report {
-        gradmerge::writer::check_not_input(report, &job.input_paths())
+        gradmerge::writer::check_not_input(report, &protected)
             .map_err(|e| usage(format!("--report: {e}")))?;
+        check_report_name(report, args.output(), &job)?;
+    }
+    if let (Some(out), Some(config)) = (args.output(), &args.config) {
+        gradmerge::writer::check_not_input(out, std::slice::from_ref(config))?;
     }
 
     if args.dry_run {
@@ -535,6 +587,19 @@ pub fn run(args: &MergeArgs, quiet: bool) -> anyhow::Result<()> {
         );
     }
     if let Some(path) = &args.report {
+        // Never replace a file the merge wrote (a side file copied from the tokenizer
+        // source, for example).
+        let written_here = args.output().is_some_and(|o| {
+            path.parent()
+                .is_some_and(|p| std::path::absolute(p).ok() == std::path::absolute(o).ok())
+        });
+        if written_here && path.exists() {
+            return Err(anyhow::anyhow!(
+                "the merge into {} succeeded, but --report {} names a file the merge wrote, so the report was not written; choose another report name",
+                args.output().map(|o| o.display().to_string()).unwrap_or_default(),
+                path.display()
+            ));
+        }
         report::write_report(path, &job, &summary, peak)
             .with_context(|| "the merge succeeded, but writing the report failed".to_string())?;
     }
