@@ -426,12 +426,12 @@ impl<'a> Engine<'a> {
             });
         }
         if report.non_finite > 0 && !self.options.allow_non_finite {
-            // An input that holds NaN or infinity is the usual cause; name it.
+            // An input that contains NaN or infinity is the usual cause, so name it.
             if let Some((view, index, value)) =
                 first_value(&inputs.views, inputs.elems, |x| !x.is_finite())?
             {
                 return Err(Error::Mismatch(format!(
-                    "tensor `{name}`: {} merged {} NaN or infinite, because {} holds {value} at element {index}; fix that checkpoint, or pass --allow-non-finite to write such values",
+                    "tensor `{name}`: {} merged {} NaN or infinite, because {} contains {value} at element {index}; fix that checkpoint, or pass --allow-non-finite to write such values",
                     report.non_finite,
                     crate::units::plural(report.non_finite, "value is", "values are"),
                     inputs.views[view].source.path().display()
@@ -497,7 +497,8 @@ impl<'a> Engine<'a> {
     }
 
     /// Runs the kernel's fused path on the chunk when the options, the kernel and the
-    /// inputs allow it (one stored dtype for every input); `None` otherwise.
+    /// inputs allow it, which needs one stored dtype for every input. Returns `None`
+    /// otherwise.
     fn fused(
         &self,
         inputs: &TensorInputs<'_>,

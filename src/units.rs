@@ -2,12 +2,13 @@
 
 use crate::error::{Error, Result};
 
-/// Returns `one` when `n` is 1 and `many` otherwise, for messages that count things.
-pub fn plural(n: u64, one: &'static str, many: &'static str) -> &'static str {
+/// Returns `singular` when `n` is 1 and `plural_form` otherwise, for messages that count
+/// things.
+pub fn plural(n: u64, singular: &'static str, plural_form: &'static str) -> &'static str {
     if n == 1 {
-        one
+        singular
     } else {
-        many
+        plural_form
     }
 }
 

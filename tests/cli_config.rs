@@ -974,6 +974,7 @@ fn fisher_without_examples_warns() {
     let fisher = dir.path().join("fisher-code");
     std::fs::create_dir(&fisher).unwrap();
     safetensors::serialize_to_file(st.tensors(), None, &fisher.join("model.safetensors")).unwrap();
+
     let yaml = std::fs::read_to_string("examples/gradmatch_gpt2.yml")
         .unwrap()
         .replace(
@@ -989,7 +990,7 @@ fn fisher_without_examples_warns() {
         "{}",
         stderr(&o)
     );
-    // Setting the scale says the user means it.
+    // An explicit fisher_scale silences the warning.
     let o = gradmerge(&[
         "merge",
         config.to_str().unwrap(),
@@ -1146,7 +1147,7 @@ fn output_as_second_argument_like_mergekit() {
 }
 
 #[test]
-fn report_and_output_spare_the_configuration_and_merged_files() {
+fn report_spares_config_and_outputs() {
     let dir = tempfile::tempdir().unwrap();
     let cfg_dir = dir.path().join("cfg");
     std::fs::create_dir(&cfg_dir).unwrap();

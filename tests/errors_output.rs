@@ -340,7 +340,10 @@ fn nan_output_names_tensor() {
     assert!(
         matches!(err, Error::Mismatch(_))
             && text.contains("tensor `broken`: 2 merged values are NaN or infinite")
-            && text.contains(&format!("because {} holds inf at element 1", a.display())),
+            && text.contains(&format!(
+                "because {} contains inf at element 1",
+                a.display()
+            )),
         "{err:?}"
     );
 

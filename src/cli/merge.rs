@@ -232,7 +232,7 @@ fn check_report_name(report: &Path, out: Option<&Path>, job: &MergeJob) -> anyho
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let taken = job.plan.shards.iter().any(|s| s.file_name == name)
+    let name_in_use = job.plan.shards.iter().any(|s| s.file_name == name)
         || name.ends_with(".safetensors")
         || name.ends_with(".index.json")
         || name.starts_with("tokenizer")
@@ -244,7 +244,7 @@ fn check_report_name(report: &Path, out: Option<&Path>, job: &MergeJob) -> anyho
             "gradmerge_config.yml",
         ]
         .contains(&name.as_str());
-    if taken {
+    if name_in_use {
         return Err(usage(format!(
             "--report {}: the merge writes a file of that name into {}; choose another name, such as report.json",
             report.display(),
@@ -255,7 +255,7 @@ fn check_report_name(report: &Path, out: Option<&Path>, job: &MergeJob) -> anyho
 }
 
 impl MergeArgs {
-    /// The output folder, from --out or the positional OUT.
+    /// Returns the output folder, from --out or the positional OUT.
     fn output(&self) -> Option<&Path> {
         self.out.as_deref().or(self.out_path.as_deref())
     }

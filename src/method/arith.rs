@@ -63,7 +63,7 @@ impl Pointwise for Linear {
     }
 }
 
-/// The first [`MAX_INPUTS`] weights as f32, rounded as `Real::from_f64` rounds them.
+/// Returns the first [`MAX_INPUTS`] weights as f32, rounded as `Real::from_f64` rounds them.
 fn weights_f32(weights: &[f64]) -> [f32; MAX_INPUTS] {
     std::array::from_fn(|i| weights.get(i).map_or(0.0, |&w| w as f32))
 }

@@ -234,6 +234,8 @@ impl Pointwise for GradMatch {
         let has_base_fisher = N % 2 == 0;
         let base = x[0];
         let delta = self.delta as f32;
+
+        // H0 and Hbar, counting invalid Fisher values on the way.
         let mut invalid = 0u32;
         let h0 = if has_base_fisher {
             let f = x[N - 1];
@@ -251,6 +253,8 @@ impl Pointwise for GradMatch {
         // A NaN precision counts as non-positive; this form compiles to one compare.
         #[allow(clippy::neg_cmp_op_on_partial_ord)]
         let nonpositive = (!(hbar > 0.0)) as u32;
+
+        // theta_0 + sum_t alpha_t (H0 + s_t F_t) / Hbar * tau_t.
         let mut o = 0.0f32;
         for m in 0..models {
             let (a, s) = (self.alphas_f32[m], self.scales_f32[m]);
