@@ -63,7 +63,7 @@ impl Checkpoint {
             (Some(path.to_path_buf()), open_folder(path, mode)?)
         } else if is_index {
             return Err(Error::Unsupported(format!(
-                "{} is a shard index, not a checkpoint file; pass the folder that holds it ({})",
+                "{} is a shard index, not a checkpoint file; pass the folder that contains it ({})",
                 path.display(),
                 path.parent()
                     .filter(|p| !p.as_os_str().is_empty())

@@ -212,13 +212,13 @@ pub fn parse_yaml(text: &str, origin: &Path, base_dir: &Path) -> Result<MergeCon
         if ranges.windows(2).any(|w| w[0] != w[1])
             || ranges.iter().any(|r| r.is_some_and(|[a, _]| a != 0))
         {
-            let shown: Vec<String> = ranges
+            let listed: Vec<String> = ranges
                 .iter()
                 .map(|r| r.map_or("none".into(), |[a, b]| format!("[{a}, {b}]")))
                 .collect();
             return Err(fail(format!(
                 "slice layer ranges {} differ or do not start at 0; gradmerge merges whole models, so every source must cover the same full layer range",
-                shown.join(", ")
+                listed.join(", ")
             )));
         }
         entries = slice

@@ -200,9 +200,9 @@ fn map_file(file: &File, path: &Path) -> Result<Mmap> {
 
 /// How far a release reaches past the consumed range on each side: 2 MiB.
 ///
-/// A read fault on a file mapping maps more than one page: up to `fault_around_bytes`
-/// (64 KiB by default) of cached pages around the faulting address, or a whole large
-/// folio of the page cache, which is up to 2 MiB on x86-64. On Linux 6.18, with chunks
+/// A read fault on a file mapping maps more than one page. It maps up to
+/// `fault_around_bytes` (64 KiB by default) of cached pages around the faulting address,
+/// or a whole large folio of the page cache, which is up to 2 MiB on x86-64. On Linux 6.18, with chunks
 /// of 64 Ki bf16 elements, a task arithmetic merge of 2 GB models peaked at 294 MB RSS
 /// with a 64 KiB margin and at 19 MB with this one.
 pub const RELEASE_MARGIN_BYTES: u64 = 2 << 20;

@@ -268,7 +268,7 @@ pub trait TensorKernel: Send + Sync {
 
     /// Computes a whole range in f32 straight from the stored bytes of every input (all of
     /// `in_dtype`) and appends the encoded output to `out` (see [`fused`]). Returns
-    /// `None`, with `out` untouched, when the kernel has no such path for these inputs; the
+    /// `None`, with `out` untouched, when the kernel has no such path for these inputs. The
     /// engine then uses the tiles of [`apply_f32`](Self::apply_f32), which give the same
     /// bits.
     fn apply_stored(
