@@ -202,9 +202,12 @@ fn map_file(file: &File, path: &Path) -> Result<Mmap> {
 ///
 /// A read fault on a file mapping maps more than one page. It maps up to
 /// `fault_around_bytes` (64 KiB by default) of cached pages around the faulting address,
-/// or a whole large folio of the page cache, which is up to 2 MiB on x86-64. On Linux 6.18, with chunks
-/// of 64 Ki bf16 elements, a task arithmetic merge of 2 GB models peaked at 294 MB RSS
-/// with a 64 KiB margin and at 19 MB with this one.
+/// or a whole large folio of the page cache, which is up to 2 MiB on x86-64. On Linux
+/// 6.18, with chunks of 64 Ki bf16 elements, a task arithmetic merge of 2 GB models
+/// peaked at 294 MB RSS with a 64 KiB margin and at 19 MB with this one.
+///
+/// NOTE: measured on x86-64 only. Kernels with larger page-cache folios (64 KiB base
+/// pages on arm64) can map more per fault, so RSS may then grow with small chunks.
 pub const RELEASE_MARGIN_BYTES: u64 = 2 << 20;
 
 /// Returns the system page size in bytes.

@@ -1003,7 +1003,7 @@ fn fisher_without_examples_warns() {
 }
 
 #[test]
-fn report_path_is_checked_before_the_merge() {
+fn report_path_checked_first() {
     let dir = tempfile::tempdir().unwrap();
     // A private copy of an input model, so that a wrong write would show.
     let model = dir.path().join("code");
@@ -1030,7 +1030,7 @@ fn report_path_is_checked_before_the_merge() {
         ])
     };
 
-    // Into an input: refused, and the input is untouched.
+    // Into an input: rejected, and the input is untouched.
     let o = merge(&model.join("model.safetensors"));
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("--report"), "{}", stderr(&o));
@@ -1040,7 +1040,7 @@ fn report_path_is_checked_before_the_merge() {
     );
     assert!(!out.exists());
 
-    // A folder: refused before merging.
+    // A folder: rejected before merging.
     let o = merge(dir.path());
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("is a folder"), "{}", stderr(&o));
@@ -1053,7 +1053,7 @@ fn report_path_is_checked_before_the_merge() {
 }
 
 #[test]
-fn output_cannot_replace_the_current_folder() {
+fn output_rejects_current_folder() {
     let dir = tempfile::tempdir().unwrap();
     let sub = dir.path().join("sub");
     std::fs::create_dir(&sub).unwrap();
@@ -1095,7 +1095,7 @@ fn output_cannot_replace_the_current_folder() {
 }
 
 #[test]
-fn index_file_and_hub_id_get_advice() {
+fn index_and_hub_id_advice() {
     let o = gradmerge(&[
         "inspect",
         "tests/data/gpt2-tiny/bf16-sharded/base/model.safetensors.index.json",
@@ -1112,7 +1112,7 @@ fn index_file_and_hub_id_get_advice() {
 }
 
 #[test]
-fn output_as_second_argument_like_mergekit() {
+fn positional_output_like_mergekit() {
     let dir = tempfile::tempdir().unwrap();
     let positional = dir.path().join("positional");
     let flag = dir.path().join("flag");
@@ -1212,7 +1212,7 @@ fn report_spares_config_and_outputs() {
         assert!(!out.exists(), "{args:?}");
     }
 
-    // A symbolic link to nothing is refused with a fix.
+    // A symbolic link to nothing is rejected with a fix.
     let link = dir.path().join("dangling");
     std::os::unix::fs::symlink(dir.path().join("nowhere"), &link).unwrap();
     let o = merge(&["--out", link.to_str().unwrap()]);

@@ -217,8 +217,11 @@ fn check_report_path(report: &Path, out: Option<&Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Refuses a report inside the output folder whose name a merged file takes: the shards,
+/// Rejects a report inside the output folder whose name a merged file takes: the shards,
 /// the index, the side files and the files gradmerge adds.
+///
+/// NOTE: the side-file names are the usual Hugging Face ones, not the tokenizer source's
+/// actual list. A report that still collides is caught after the merge and not written.
 fn check_report_name(report: &Path, out: Option<&Path>, job: &MergeJob) -> anyhow::Result<()> {
     let Some(out) = out else { return Ok(()) };
     let parent = report
